@@ -18,11 +18,13 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from qwen_jax.config import Qwen3Config
@@ -219,6 +221,42 @@ def _read_block(reader: CheckpointReader, src: ParamSource, leaf_shape, index, d
     return np.stack([np.stack([one(src.keys[i][e], index[2:]) for e in experts]) for i in layers])
 
 
+def _assemble(reader: CheckpointReader, src: ParamSource, shape, sharding, dtype) -> jax.Array:
+    """One parameter on device. Stacked leaves go in one layer at a time into a donated buffer, so the
+    host holds at most one layer's tensor (or its shard) at once."""
+
+    def read(index):
+        return _read_block(reader, src, shape, tuple(index), dtype)
+
+    whole = tuple(slice(None) for _ in shape)
+    layers_sharded = sharding is not None and len(sharding.spec) > 0 and sharding.spec[0] is not None
+    if src.stacked == 0 or layers_sharded:
+        if sharding is None:
+            return jax.device_put(read(whole))
+        return jax.make_array_from_callback(shape, sharding, read)
+    layer_shape = tuple(shape[1:])
+    if sharding is None:
+        buf = jnp.zeros(shape, dtype)
+    else:
+        layer_sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+        buf = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    for i in range(shape[0]):
+        def read_layer(index, i=i):
+            return read((slice(i, i + 1),) + tuple(index))[0]
+
+        if sharding is None:
+            layer = jax.device_put(read_layer(whole[1:]))
+        else:
+            layer = jax.make_array_from_callback(layer_shape, layer_sharding, read_layer)
+        buf = _set_layer(buf, layer, i)
+    return buf
+
+
+@partial(jax.jit, donate_argnums=0)
+def _set_layer(buf, layer, i):
+    return jax.lax.dynamic_update_index_in_dim(buf, layer, i, axis=0)
+
+
 def _checkpoint_dtype(reader: CheckpointReader):
     key = "model.embed_tokens.weight"
     return jnp.dtype(reader.dtype(key)) if key in reader else jnp.float32
@@ -250,14 +288,7 @@ def load_pretrained(path: str, dtype=None, mesh=None, rules=None, progress: bool
     bar = tqdm(sources, desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
                disable=not progress or None)
     for src in bar:
-        shape = leaves_abs[src.path].shape
-        if src.path in leaves_sh:
-            arr = jax.make_array_from_callback(
-                shape, leaves_sh[src.path], lambda idx, s=src, sh=shape: _read_block(reader, s, sh, idx, dtype))
-        else:
-            full = tuple(slice(None) for _ in shape)
-            arr = jax.device_put(_read_block(reader, src, shape, full, dtype))
-        loaded[src.path] = arr
+        loaded[src.path] = _assemble(reader, src, leaves_abs[src.path].shape, leaves_sh.get(src.path), dtype)
     params = jax.tree_util.tree_map_with_path(lambda kp, _: loaded[tuple(k.key for k in kp)], abstract)
     return config, params
 
