@@ -300,6 +300,33 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _export_items(config: Qwen3Config, params, out_dtype) -> list[tuple[str, ParamSource, tuple, int]]:
+    """(HF key, source, index into the leaf, bytes) for every HF tensor, in HF's natural key order."""
+    from qwen_jax.model import abstract_params
+
+    leaves = _leaves_by_path(params)
+    items = []
+    for src in param_sources(config, abstract_params(config, params["embed"].dtype)):
+        nbytes = math.prod(leaves[src.path].shape[src.stacked:]) * jnp.dtype(out_dtype).itemsize
+        if src.stacked == 0:
+            items.append((src.keys, src, (), nbytes))
+        elif src.stacked == 1:
+            items += [(k, src, (i,), nbytes) for i, k in enumerate(src.keys)]
+        else:
+            items += [(k, src, (i, e), nbytes) for i, per in enumerate(src.keys) for e, k in enumerate(per)]
+    return sorted(items, key=lambda it: _natural_key(it[0]))
+
+
+def _hf_tensor(leaves, src: ParamSource, idx: tuple) -> np.ndarray:
+    return _to_hf(_to_numpy(leaves[src.path][idx] if idx else leaves[src.path]), src.kind, src.n_in)
+
+
+def hf_state_dict(config: Qwen3Config, params) -> dict[str, np.ndarray]:
+    """The params (or any pytree shaped like them, e.g. gradients) as HF-named tensors in HF layout."""
+    leaves = _leaves_by_path(params)
+    return {key: _hf_tensor(leaves, src, idx) for key, src, idx, _ in _export_items(config, params, jnp.float32)}
+
+
 def _parse_size(s: int | str) -> int:
     if isinstance(s, int):
         return s
@@ -316,27 +343,12 @@ def save_pretrained(path: str, config: Qwen3Config, params, tokenizer=None, dtyp
     Writes config.json, model.safetensors (or model-0000i-of-0000N.safetensors + index) and, if given,
     the tokenizer. Tensors are pulled from the devices one HF tensor at a time; each file is written
     under a temporary name and renamed when complete."""
-    from qwen_jax.model import abstract_params
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    first = params["embed"]
-    out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(first.dtype)
-    sources = param_sources(config, abstract_params(config, first.dtype))
+    out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(params["embed"].dtype)
     leaves = _leaves_by_path(params)
 
-    # Plan: (hf key, source, layer index in group, expert index) in HF order, then shards by size.
-    items = []
-    for src in sources:
-        inner = leaves[src.path].shape[src.stacked:]
-        nbytes = math.prod(inner) * out_dtype.itemsize
-        if src.stacked == 0:
-            items.append((src.keys, src, (), nbytes))
-        elif src.stacked == 1:
-            items += [(k, src, (i,), nbytes) for i, k in enumerate(src.keys)]
-        else:
-            items += [(k, src, (i, e), nbytes) for i, per in enumerate(src.keys) for e, k in enumerate(per)]
-    items.sort(key=lambda it: _natural_key(it[0]))
+    items = _export_items(config, params, out_dtype)
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
@@ -356,8 +368,7 @@ def save_pretrained(path: str, config: Qwen3Config, params, tokenizer=None, dtyp
     for name, shard in zip(names, shards):
         tensors = {}
         for key, src, idx, _ in shard:
-            x = _to_numpy(leaves[src.path][idx] if idx else leaves[src.path])
-            tensors[key] = _to_hf(x, src.kind, src.n_in).astype(out_dtype)
+            tensors[key] = _hf_tensor(leaves, src, idx).astype(out_dtype)
             weight_map[key] = name
             bar.update(1)
         if write:

@@ -77,5 +77,12 @@ class Tokenizer:
         self.hf.save_pretrained(os.fspath(path))
 
 
+def qwen3_chat_template() -> str:
+    """The chat template shipped with the Qwen3 checkpoints (tokenizer_config.json), with enable_thinking."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "chat_templates", "qwen3.jinja")) as f:
+        return f.read()
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return Tokenizer.from_pretrained(path)

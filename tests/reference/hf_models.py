@@ -90,6 +90,27 @@ def build_tokenizer(path, chat_template: str | None = None):
 
 
 def qwen3_chat_template() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(here, "fixtures", "qwen3_chat_template.jinja")) as f:
-        return f.read()
+    from qwen_jax.tokenizer import qwen3_chat_template as template
+
+    return template()
+
+
+def checkpoint_layout(named: dict) -> dict:
+    """transformers-5 in-memory tensors -> the per-expert names and layout of a saved checkpoint.
+
+    Experts live fused in memory (mlp.experts.gate_up_proj [E, 2F, D], mlp.experts.down_proj [E, D, F])."""
+    out = {}
+    for name, x in named.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            F = x.shape[1] // 2
+            for e in range(x.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = x[e, :F]
+                out[f"{prefix}{e}.up_proj.weight"] = x[e, F:]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(x.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = x[e]
+        else:
+            out[name] = x
+    return out

@@ -1,0 +1,111 @@
+"""Command-line plumbing shared by train.pretrain, train.sft and train.dpo: common flags, multi-host
+initialisation, and turning user errors into one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from qwen_jax.errors import QwenJaxError
+
+
+def add_common_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    d = defaults.get
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d("steps", 1000), help="optimizer steps (default: %(default)s)")
+    g.add_argument("--seq-len", type=int, default=d("seq_len", 2048), help="tokens per row (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d("batch_size", 8),
+                   help="rows per optimizer step, global across devices and hosts (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d("lr", 3e-4), help="peak learning rate (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=d("warmup", 100), help="linear warmup steps (default: %(default)s)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--weight-decay", type=float, default=d("weight_decay", 0.1))
+    g.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clipping; 0 disables")
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32")
+    g.add_argument("--param-dtype", default="float32", help="master weight dtype (default: %(default)s)")
+    g.add_argument("--remat", default="none", help="activation checkpointing: none, full, dots, dots_no_batch")
+    g.add_argument("--z-loss", type=float, default=0.0, help="z-loss coefficient (default: off)")
+    g.add_argument("--aux-loss-coef", type=float, default=None,
+                   help="MoE load-balancing loss coefficient (default: the config's router_aux_loss_coef)")
+    g.add_argument("--ce-chunk", type=int, default=1024, help="tokens per cross-entropy chunk")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=d("out"), help="run directory (default: %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--log-every", type=int, default=d("log_every", 10))
+    g.add_argument("--eval-every", type=int, default=d("eval_every", 0), help="0: evaluate only at the end")
+    g.add_argument("--eval-batches", type=int, default=20)
+    g.add_argument("--save-every", type=int, default=d("save_every", 500))
+    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
+    g.add_argument("--export-dtype", default=None, help="dtype of the exported weights (default: --param-dtype)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--mesh", default="", help="e.g. 'data=2,fsdp=4,tensor=1' (default: data over all devices)")
+    g.add_argument("--coordinator", default=None, help="multi-host: coordinator address host:port")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+
+
+def resolve_dtype(name: str) -> str:
+    import jax
+
+    if name == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return name
+
+
+def train_config(args, **overrides):
+    from train.trainer import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm or None, compute_dtype=resolve_dtype(args.dtype), param_dtype=args.param_dtype,
+        remat=args.remat, z_loss=args.z_loss, aux_loss_coef=args.aux_loss_coef, ce_chunk=args.ce_chunk,
+        seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        save_every=args.save_every, keep=args.keep, **overrides)
+
+
+def init_distributed(args) -> None:
+    """jax.distributed from flags, or from the cluster environment (SLURM, or JAX_COORDINATOR_ADDRESS)."""
+    import jax
+
+    explicit = args.coordinator is not None
+    from_env = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
+    if not (explicit or from_env):
+        return
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        if args.num_processes is None or args.process_id is None:
+            raise SystemExit("error: --coordinator needs --num-processes and --process-id")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def run_cli(fn: Callable[[], int | None]) -> int:
+    """Run a CLI body: user errors print one line and exit 2; Ctrl-C exits 130 after the checkpoint."""
+    try:
+        return fn() or 0
+    except QwenJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: a checkpoint was saved; continue with --resume", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def say(msg: str) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)

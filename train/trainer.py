@@ -1,0 +1,264 @@
+"""The sharded trainer: state, optimizer, jitted train/eval steps, and the loop with checkpoints and metrics.
+
+State is a plain pytree {"params", "opt_state", "step", "rng"}. Params are the master weights
+(`param_dtype`, default float32); the forward runs in `compute_dtype`. Gradient accumulation scans over
+micro-batches inside one jitted step and normalises by the whole batch's token count, so accumulating
+A micro-batches gives the gradient of the full batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import qwen_jax
+from qwen_jax import moe
+from qwen_jax.config import Qwen3Config
+from qwen_jax.errors import ConfigError
+from qwen_jax.sharding import ShardingRules
+from train.checkpointing import Checkpointer
+from train.data import PackedDataset
+from train.losses import chunked_cross_entropy, lm_head
+from train.metrics import MetricsLogger, flops_per_token, peak_flops
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seq_len: int = 2048
+    batch_size: int = 8  # sequences per optimizer step (global, across all devices and hosts)
+    grad_accum: int = 1  # micro-batches per step
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    compute_dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    z_loss: float = 0.0
+    aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
+    ce_chunk: int = 1024
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 20
+    save_every: int = 500
+    keep: int = 3
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.steps > 0, f"--steps must be positive, got {self.steps}")
+        need(self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}")
+        need(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+             f"--batch-size ({self.batch_size}) must be a positive multiple of --grad-accum ({self.grad_accum})")
+        need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be positive and --min-lr-ratio in [0, 1]")
+        need(0 <= self.warmup_steps <= self.steps, f"--warmup ({self.warmup_steps}) must be in [0, --steps]")
+        need(self.remat in qwen_jax.model.REMAT_POLICIES,
+             f"--remat must be one of {list(qwen_jax.model.REMAT_POLICIES)}, got {self.remat!r}")
+        for name in ("compute_dtype", "param_dtype"):
+            need(getattr(self, name) in ("float32", "bfloat16", "float16"),
+                 f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        need(self.keep >= 1 and self.save_every >= 1, "--keep and --save-every must be >= 1")
+
+
+def lr_schedule(tc: TrainConfig):
+    """Linear warmup to tc.lr over warmup_steps (step 0 already trains), then cosine to lr * min_lr_ratio."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.float32(max(tc.warmup_steps, 1))
+        progress = jnp.clip((step - tc.warmup_steps) / max(tc.steps - tc.warmup_steps, 1), 0.0, 1.0)
+        cosine = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        return tc.lr * jnp.where(step < tc.warmup_steps, (step + 1) / warm, cosine)
+
+    return schedule
+
+
+def weight_decay_mask(params):
+    """True where weight decay applies: every matrix except norm scales and biases."""
+    def decays(path, _):
+        names = [str(getattr(k, "key", k)) for k in path]
+        return not any("norm" in n or n.endswith("bias") for n in names)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                        mask=weight_decay_mask)
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm else adamw
+
+
+def positions_from_segments(seg_BT: jax.Array) -> jax.Array:
+    """Positions restarting at 0 at every segment start. [B, T] -> [B, T] int32."""
+    B, T = seg_BT.shape
+    idx = jnp.arange(T, dtype=jnp.int32)
+    start = jnp.concatenate([jnp.ones((B, 1), bool), seg_BT[:, 1:] != seg_BT[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+
+
+def lm_loss_terms(config: Qwen3Config, tc: TrainConfig, params, batch, rules: ShardingRules | None):
+    """Sums over one micro-batch {"tokens", "segment_ids"}: [b, T+1] -> (ce_sum, z_sum, aux, n_tokens)."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    inputs, targets, seg_in = tokens[:, :-1], tokens[:, 1:], seg[:, :-1]
+    mask = seg[:, 1:] == seg_in  # never predict across a document boundary
+    out = qwen_jax.forward(config, params, inputs, positions=positions_from_segments(seg_in), segment_ids=seg_in,
+                           dtype=jnp.dtype(tc.compute_dtype), rules=rules, remat=tc.remat, return_hidden=True)
+    b, T, D = out.hidden.shape
+    ce, z = chunked_cross_entropy(out.hidden.reshape(b * T, D), lm_head(config, params), targets.reshape(-1),
+                                  mask.reshape(-1), tc.ce_chunk)
+    aux = jnp.float32(0.0)
+    if out.router_logits is not None:
+        aux = moe.load_balancing_loss(out.router_logits, config.num_experts_per_tok, (seg_in != 0).reshape(-1))
+    return ce, z, aux, jnp.sum(mask)
+
+
+def make_train_step(config: Qwen3Config, tc: TrainConfig, optimizer, rules: ShardingRules | None):
+    aux_coef = config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
+    schedule = lr_schedule(tc)
+
+    def step(state, batch):  # batch leaves: [A, b, T+1]
+        A = batch["tokens"].shape[0]
+        n_total = jnp.maximum(jnp.sum(batch["segment_ids"][:, :, 1:] == batch["segment_ids"][:, :, :-1]), 1)
+
+        def objective(params, mb):
+            ce, z, aux, _ = lm_loss_terms(config, tc, params, mb, rules)
+            return ce / n_total + tc.z_loss * z / n_total + aux_coef * aux / A, (ce, z, aux)
+
+        def micro(carry, mb):
+            g_acc, ce_acc, z_acc, aux_acc = carry
+            (_, (ce, z, aux)), g = jax.value_and_grad(objective, has_aux=True)(state["params"], mb)
+            return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, z_acc + z, aux_acc + aux), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        (grads, ce, z, aux), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0.0), batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+                     "step": state["step"] + 1, "rng": jax.random.split(state["rng"])[0]}
+        metrics = {"loss": ce / n_total, "z_loss": z / n_total, "aux_loss": aux / A,
+                   "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | None):
+    def step(params, batch):
+        ce, _, _, n = lm_loss_terms(config, tc, params, batch, rules)
+        return ce, n
+
+    return jax.jit(step)
+
+
+def init_state(params, optimizer, seed: int):
+    state = {"params": params, "opt_state": None, "step": jnp.int32(0), "rng": jax.random.PRNGKey(seed)}
+    state["opt_state"] = jax.jit(optimizer.init)(params)
+    return state
+
+
+def put_batch(batch: dict[str, np.ndarray], rules: ShardingRules, names) -> dict[str, jax.Array]:
+    """Global numpy batch (identical on every process) -> global arrays sharded by logical `names`;
+    each device receives only its own block, whatever the mesh."""
+    out = {}
+    for k, x in batch.items():
+        out[k] = jax.make_array_from_callback(x.shape, rules.sharding(names, x.shape), lambda idx, x=x: x[idx])
+    return out
+
+
+def evaluate(eval_step, params, ds: PackedDataset, batch_size: int, max_batches: int, rules) -> float | None:
+    """Mean token cross-entropy over up to `max_batches` held-out batches (None if too little data)."""
+    total, count = 0.0, 0
+    for batch in ds.sequential(batch_size, max_batches):
+        ce, n = eval_step(params, put_batch(batch, rules, ("act_batch", None)))
+        total, count = total + float(ce), count + int(n)
+    return total / count if count else None
+
+
+def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: PackedDataset, eval_ds: PackedDataset | None,
+        out_dir: str, rules: ShardingRules, *, resume: bool = False, meta: dict | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Train for tc.steps optimizer steps (resuming from out_dir/checkpoints when asked). Returns the final
+    state and metrics: {"state", "train_loss", "eval_loss", "step", "resumed_from"}."""
+    tc.validate()
+    optimizer = make_optimizer(tc)
+    state = init_state(params, optimizer, tc.seed)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep)
+    data_state, resumed_from = None, None
+    if ckpt.latest_step() is not None:
+        if not resume:
+            raise ConfigError(f"{out_dir} already has checkpoints (step {ckpt.latest_step()}): pass --resume to "
+                              f"continue, or choose another --out")
+        state, data_state, _ = ckpt.restore(state)
+        resumed_from = int(state["step"])
+    is_main = jax.process_index() == 0
+    logger = MetricsLogger(out_dir, resume_step=resumed_from, enabled=is_main)
+    train_step = make_train_step(config, tc, optimizer, rules)
+    eval_step = make_eval_step(config, tc, rules)
+    micro = tc.batch_size // tc.grad_accum
+    batches = train_ds.batches(tc.batch_size, tc.seed, data_state)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    fpt, peak = flops_per_token(config, tc.seq_len), peak_flops()
+    start = int(state["step"])
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main) or None,
+               dynamic_ncols=True)
+    last = {"train_loss": None, "eval_loss": None}
+    t0, steps_since = time.perf_counter(), 0
+    step = start
+    try:
+        while step < tc.steps:
+            batch, data_state = next(batches)
+            batch = {k: v.reshape(tc.grad_accum, micro, -1) for k, v in batch.items()}
+            state, metrics = train_step(state, put_batch(batch, rules, (None, "act_batch", None)))
+            step += 1
+            steps_since += 1
+            if step % tc.log_every == 0 or step == tc.steps:
+                metrics = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                tok_s = steps_since * tokens_per_step / dt
+                mfu = tok_s * fpt / (peak * jax.device_count()) if peak else None
+                record = {**metrics, "tokens_per_s": tok_s, "mfu": mfu}
+                if not math.isfinite(float(metrics["loss"])):
+                    raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
+                logger.log(step, record)
+                last["train_loss"] = float(metrics["loss"])
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+                t0, steps_since = time.perf_counter(), 0
+            bar.update(1)
+            if eval_ds is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                ev = evaluate(eval_step, state["params"], eval_ds, micro, tc.eval_batches, rules)
+                if ev is not None:
+                    logger.log(step, {"eval_loss": ev, "eval_ppl": math.exp(ev)})
+                t0 = time.perf_counter()
+            if step % tc.save_every == 0 or step == tc.steps:
+                ckpt.save(step, state, data_state, meta, force=step == tc.steps)
+    except KeyboardInterrupt:
+        ckpt.save(step, state, data_state, meta, force=True)
+        ckpt.close()
+        bar.close()
+        logger.close()
+        raise
+    bar.close()
+    if eval_ds is not None:
+        last["eval_loss"] = evaluate(eval_step, state["params"], eval_ds, micro, tc.eval_batches, rules)
+        if last["eval_loss"] is not None:
+            logger.log(step, {"eval_loss": last["eval_loss"], "eval_ppl": math.exp(last["eval_loss"])})
+    ckpt.close()
+    logger.close()
+    return {"state": state, "step": step, "resumed_from": resumed_from, **last}
