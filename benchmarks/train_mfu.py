@@ -24,7 +24,7 @@ import qwen_jax
 from benchmarks.common import markdown_table, record, time_fn
 from qwen_jax import ShardingRules, get_preset, make_mesh
 from train.metrics import flops_per_token, peak_flops
-from train.trainer import TrainConfig, init_state, make_optimizer, make_train_step, put_batch
+from train.trainer import TrainConfig, init_state, make_optimizer, make_train_step, put_batch, state_shardings
 
 
 def model_config(name: str, cpu: bool):
@@ -62,7 +62,7 @@ def main(argv=None):
         params = qwen_jax.init_params(cfg, jax.random.key(0), jnp.float32, rules)
         opt = make_optimizer(tc)
         state = init_state(params, opt, 0)
-        step = make_train_step(cfg, tc, opt, rules)
+        step = make_train_step(cfg, tc, opt, rules, state_shardings(state))
         rng = np.random.default_rng(0)
         batch = put_batch({"tokens": rng.integers(0, cfg.vocab_size, (1, bs, seq + 1)).astype(np.int32),
                            "segment_ids": np.ones((1, bs, seq + 1), np.int32)}, rules, (None, "act_batch", None))

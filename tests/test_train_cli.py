@@ -134,3 +134,18 @@ def test_empty_dataset_and_existing_run(tiny, tmp_path):
     again = _run(_args(tiny, tmp_path / "run", 4))  # would overwrite: refused, nothing lost
     assert again.returncode == 2 and "pass --resume" in again.stderr
     assert (tmp_path / "run" / "checkpoints" / "4").exists()
+
+
+def test_continue_from_hf_checkpoint_and_metrics_files(tiny, tmp_path):
+    """--config DIR continues from the weights there (here: the shipped model) and writes all metric files."""
+    from qwen_jax.assets import DEFAULT_MODEL
+
+    out = tmp_path / "cont"
+    args = _args(tiny, out, 3) + ["--config", DEFAULT_MODEL, "--tokenizer", DEFAULT_MODEL, "--eval-fraction", "0.2"]
+    r = _run(args)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["train_loss"] < 0.75 * np.log(4096)  # trained weights, far from a fresh model's ~ln(V)
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)] == [1, 2, 3]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+    assert json.loads((out / "hf" / "config.json").read_text())["vocab_size"] == 4096

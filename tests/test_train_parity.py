@@ -15,7 +15,7 @@ from qwen_jax.checkpoint import hf_state_dict
 from qwen_jax.sharding import ShardingRules, make_mesh
 from reference.hf_models import build, checkpoint_layout
 from train.trainer import (TrainConfig, init_state, lm_loss_terms, lr_schedule, make_optimizer, make_train_step,
-                           put_batch)
+                           put_batch, state_shardings)
 
 TC = TrainConfig(steps=5, seq_len=16, batch_size=2, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.1,
                  clip_norm=1.0, compute_dtype="float32", ce_chunk=8)
@@ -138,3 +138,32 @@ def test_packed_rows_equal_separate_documents(tmp_path):
     sep_a, sep_b = terms(a, np.ones(7)), terms(b, np.ones(10))
     assert packed[1] == sep_a[1] + sep_b[1] == 15  # the cross-document target is not counted
     assert rel_err(packed[0], sep_a[0] + sep_b[0]) < 1e-5
+
+
+@pytest.mark.parametrize("mesh_spec,overrides", [("fsdp=2,tensor=4", dict(num_experts=8)),
+                                                 ("data=2,expert=4", dict(num_experts=8))])
+def test_sharded_step_keeps_placement_and_matches_unsharded(tmp_path, mesh_spec, overrides):
+    _, path = build(tmp_path, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, **overrides)
+    cfg, params = qwen_jax.load_pretrained(path, progress=False)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 4, 17)).astype(np.int32)
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens)}
+    tc = dataclasses.replace(TC, batch_size=4, eps=1e-5)
+    results = []
+    for spec in ("data=1", mesh_spec):
+        rules = ShardingRules(make_mesh(spec, devices=jax.devices()[: 1 if spec == "data=1" else 8]))
+        opt = make_optimizer(tc)
+        placed = jax.device_put(jax.tree.map(jnp.copy, params), qwen_jax.param_shardings(cfg, rules))
+        state = init_state(placed, opt, 0)
+        before = state_shardings(state)
+        step = make_train_step(cfg, tc, opt, rules, before)
+        for _ in range(2):
+            state, metrics = step(state, put_batch(batch, rules, (None, "act_batch", None)))
+        for want, got in zip(jax.tree.leaves(before), jax.tree.leaves(state_shardings(state))):
+            assert got.is_equivalent_to(want, 4) or got == want
+        results.append((float(metrics["loss"]), hf_state_dict(cfg, state["params"])))
+    mu_spec = state["opt_state"][1][0].mu["layers_0"]["moe"]["gate"].sharding.spec  # Adam moments stay sharded
+    assert mu_spec == state["params"]["layers_0"]["moe"]["gate"].sharding.spec
+    assert any(a is not None for a in mu_spec)
+    assert rel_err(results[1][0], results[0][0]) < 1e-5
+    for k in results[0][1]:
+        assert rel_err(results[1][1][k], results[0][1][k]) < 1e-4, k

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 import qwen_jax
@@ -129,7 +130,10 @@ def lm_loss_terms(config: Qwen3Config, tc: TrainConfig, params, batch, rules: Sh
     return ce, z, aux, jnp.sum(mask)
 
 
-def make_train_step(config: Qwen3Config, tc: TrainConfig, optimizer, rules: ShardingRules | None):
+def make_train_step(config: Qwen3Config, tc: TrainConfig, optimizer, rules: ShardingRules | None,
+                    shardings=None):
+    """The jitted step (state, batch) -> (state, metrics); the state is donated. `shardings` (a tree like the
+    state, e.g. `state_shardings(state)`) pins the new state to the same placement as the old."""
     aux_coef = config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
     schedule = lr_schedule(tc)
 
@@ -155,7 +159,9 @@ def make_train_step(config: Qwen3Config, tc: TrainConfig, optimizer, rules: Shar
                    "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
 
 
 def make_eval_step(config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | None):
@@ -167,9 +173,25 @@ def make_eval_step(config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | 
 
 
 def init_state(params, optimizer, seed: int):
-    state = {"params": params, "opt_state": None, "step": jnp.int32(0), "rng": jax.random.PRNGKey(seed)}
-    state["opt_state"] = jax.jit(optimizer.init)(params)
-    return state
+    """Fresh train state. The optimizer state is created eagerly, not under jit: eager zeros_like keeps each
+    moment on its parameter's sharding, whereas under jit the zeros would come out unsharded. Scalars (step,
+    RNG, optimizer counts) are replicated over the params' mesh."""
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+             "rng": jax.random.PRNGKey(seed)}
+    first = jax.tree.leaves(params)[0].sharding
+    if not isinstance(first, NamedSharding):
+        return state
+    replicated = NamedSharding(first.mesh, P())
+
+    def place(x):
+        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == first.mesh
+        return x if on_mesh else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, state)
+
+
+def state_shardings(state):
+    return jax.tree.map(lambda x: x.sharding, state)
 
 
 def put_batch(batch: dict[str, np.ndarray], rules: ShardingRules, names) -> dict[str, jax.Array]:
@@ -208,7 +230,7 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: PackedDataset, e
         resumed_from = int(state["step"])
     is_main = jax.process_index() == 0
     logger = MetricsLogger(out_dir, resume_step=resumed_from, enabled=is_main)
-    train_step = make_train_step(config, tc, optimizer, rules)
+    train_step = make_train_step(config, tc, optimizer, rules, state_shardings(state))
     eval_step = make_eval_step(config, tc, rules)
     micro = tc.batch_size // tc.grad_accum
     batches = train_ds.batches(tc.batch_size, tc.seed, data_state)
@@ -249,7 +271,8 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: PackedDataset, e
             if step % tc.save_every == 0 or step == tc.steps:
                 ckpt.save(step, state, data_state, meta, force=step == tc.steps)
     except KeyboardInterrupt:
-        ckpt.save(step, state, data_state, meta, force=True)
+        if step > start:
+            ckpt.save(step, state, data_state, meta, force=True)
         ckpt.close()
         bar.close()
         logger.close()
