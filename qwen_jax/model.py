@@ -239,6 +239,11 @@ class Qwen3(nn.Module):
         )
 
 
+def output_head(config: Qwen3Config, params) -> jax.Array:
+    """The output projection [D, V]: the transposed embedding when tied."""
+    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
 def _default_positions(input_ids):
     B, T = input_ids.shape
     return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

@@ -35,7 +35,3 @@ def chunked_cross_entropy(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: j
                                             targets_N.reshape(n_chunks, chunk), mask_N.reshape(n_chunks, chunk)))
     return jnp.sum(ce), jnp.sum(z)
 
-
-def lm_head(config, params) -> jax.Array:
-    """The output projection [D, V] (the transposed embedding when tied)."""
-    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]

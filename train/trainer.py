@@ -28,7 +28,8 @@ from qwen_jax.errors import ConfigError
 from qwen_jax.sharding import ShardingRules
 from train.checkpointing import Checkpointer
 from train.data import PackedDataset
-from train.losses import chunked_cross_entropy, lm_head
+from qwen_jax.model import output_head
+from train.losses import chunked_cross_entropy
 from train.metrics import MetricsLogger, flops_per_token, peak_flops
 
 
@@ -122,7 +123,7 @@ def lm_loss_terms(config: Qwen3Config, tc: TrainConfig, params, batch, rules: Sh
     out = qwen_jax.forward(config, params, inputs, positions=positions_from_segments(seg_in), segment_ids=seg_in,
                            dtype=jnp.dtype(tc.compute_dtype), rules=rules, remat=tc.remat, return_hidden=True)
     b, T, D = out.hidden.shape
-    ce, z = chunked_cross_entropy(out.hidden.reshape(b * T, D), lm_head(config, params), targets.reshape(-1),
+    ce, z = chunked_cross_entropy(out.hidden.reshape(b * T, D), output_head(config, params), targets.reshape(-1),
                                   mask.reshape(-1), tc.ce_chunk)
     aux = jnp.float32(0.0)
     if out.router_logits is not None:

@@ -1,0 +1,173 @@
+"""Sequences and the KV block manager: reference-counted pages with prefix caching.
+
+A full block is identified by a chained hash of (hash of the previous block, its tokens). A block's hash
+is registered only once its K/V are computed (`commit`, after each step), so a chunked prefill never
+shares a block that is still being filled. When a new sequence's prompt starts with registered blocks
+(held by a running request, or freed but not yet reused), those blocks are shared: their reference count
+goes up and their prefill is skipped. The block holding a prompt's last token is never taken from the
+cache, so every prefill computes at least one token (whose logits start generation) and never writes
+into a shared block.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+
+from infer.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int, index: int):
+        self.id = next(Sequence._ids)
+        self.index = index  # position in the caller's request list
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.seed = seed
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.num_cached = 0  # tokens found in the prefix cache at the last admission
+        self.slot = -1  # row in the sampler's penalty state
+        self.finish_reason: str | None = None
+        self.logprobs: list = []
+        self.text = ""  # detokenised output (maintained only when needed)
+        self.hashes: list[int] = []  # chain hashes of the leading full blocks whose K/V are computed
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def in_prefill(self) -> bool:
+        """More than the last token still lacks K/V (a prompt, or a recompute after preemption). A sequence
+        with only its last token uncomputed is in decode: one token in, the next one sampled."""
+        return self.num_computed < len(self) - 1
+
+
+class Block:
+    __slots__ = ("id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: deque[int] = deque(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.cache_hits = 0  # blocks reused from the prefix cache (cumulative)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @staticmethod
+    def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((prev, tokens))
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.num_free >= self.blocks_needed(len(seq))
+
+    def allocate(self, seq: Sequence) -> None:
+        """Blocks for all of seq's current tokens, sharing cached full prefix blocks."""
+        assert not seq.block_table
+        seq.num_cached = 0
+        tokens = seq.token_ids
+        bs = self.block_size
+        prev, hits = None, True
+        for i in range(self.blocks_needed(len(tokens))):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            cached = None
+            if hits and len(chunk) == bs and (i + 1) * bs <= len(tokens) - 1:
+                h = self.chain_hash(prev, chunk)
+                cached = self.hash_to_block.get(h)
+                if cached is not None and self.blocks[cached].token_ids != chunk:
+                    cached = None  # a hash collision
+            if cached is not None:
+                block = self.blocks[cached]
+                if block.ref_count == 0:
+                    self.free.remove(block.id)
+                block.ref_count += 1
+                seq.num_cached += bs
+                seq.hashes.append(h)
+                self.cache_hits += 1
+                prev = h
+            else:
+                hits = False
+                block = self._new_block()
+            seq.block_table.append(block.id)
+        seq.num_computed = seq.num_cached
+
+    def _new_block(self) -> Block:
+        block = self.blocks[self.free.popleft()]
+        self._forget(block)  # its old contents are about to be overwritten
+        block.ref_count = 1
+        return block
+
+    def _forget(self, block: Block) -> None:
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block.id:
+            del self.hash_to_block[block.hash]
+        block.hash, block.token_ids = None, ()
+
+    def _register(self, block: Block, h: int, tokens: tuple[int, ...]) -> None:
+        block.hash, block.token_ids = h, tokens
+        self.hash_to_block[h] = block.id
+
+    def deallocate(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free.append(block_id)  # keeps its hash: a later prompt may still revive it
+        seq.block_table = []
+        seq.hashes = []
+        seq.num_computed = 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Room for the K/V of seq's newest token (position len - 1)."""
+        return len(seq.block_table) >= self.blocks_needed(len(seq)) or self.num_free >= 1
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Make sure the block for position len - 1 exists."""
+        if len(seq.block_table) < self.blocks_needed(len(seq)):
+            seq.block_table.append(self._new_block().id)
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the hashes of seq's full blocks whose K/V are now computed (call after each step)."""
+        bs = self.block_size
+        if (len(seq.hashes) + 1) * bs > seq.num_computed:
+            return
+        tokens = seq.token_ids
+        while (len(seq.hashes) + 1) * bs <= seq.num_computed:
+            i = len(seq.hashes)
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = self.chain_hash(seq.hashes[-1] if seq.hashes else None, chunk)
+            seq.hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and h not in self.hash_to_block:
+                self._register(block, h, chunk)
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

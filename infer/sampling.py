@@ -1,0 +1,149 @@
+"""Sampling parameters and the on-device sampler.
+
+Every request carries its own SamplingParams; the jitted sampler gets them as per-row arrays, so one
+batch mixes greedy and sampled requests. Order, as vLLM: repetition / presence / frequency penalties on
+the raw logits, then temperature, then top-k, top-p and min-p filtering, then a Gumbel-max draw with the
+request's own key: fold_in(PRNGKey(seed), number of tokens generated so far). The same seed therefore gives
+the same tokens whatever else is in the batch. Logprobs are of the raw model distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax.errors import RequestError
+
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens seen in the prompt or the output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n logprobs per generated token (0: only the chosen token's)
+
+    def validate(self) -> "SamplingParams":
+        def need(cond, msg):
+            if not cond:
+                raise RequestError(f"invalid sampling parameter: {msg}")
+
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        need(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
+             f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
+        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids")
+        return self
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def row_params(params: list[SamplingParams], seeds: list[int], generated: list[int], pad_to: int) -> dict:
+    """Per-row numpy arrays for the jitted sampler (padding rows are greedy and ignored)."""
+    n = len(params)
+
+    def col(fn, dtype, fill):
+        out = np.full(pad_to, fill, dtype)
+        out[:n] = [fn(p) for p in params]
+        return out
+
+    seed_arr = np.zeros(pad_to, np.uint32)
+    seed_arr[:n] = seeds
+    gen = np.zeros(pad_to, np.int32)
+    gen[:n] = generated
+    return {
+        "temperature": col(lambda p: p.temperature, np.float32, 0.0),
+        "top_k": col(lambda p: p.top_k, np.int32, 0),
+        "top_p": col(lambda p: p.top_p, np.float32, 1.0),
+        "min_p": col(lambda p: p.min_p, np.float32, 0.0),
+        "repetition_penalty": col(lambda p: p.repetition_penalty, np.float32, 1.0),
+        "presence_penalty": col(lambda p: p.presence_penalty, np.float32, 0.0),
+        "frequency_penalty": col(lambda p: p.frequency_penalty, np.float32, 0.0),
+        "seed": seed_arr,
+        "generated": gen,
+    }
+
+
+def apply_penalties(logits_BV, rp, counts_BV, seen_BV):
+    """Repetition penalty on tokens seen in prompt or output; presence / frequency on output counts."""
+    rep = rp["repetition_penalty"][:, None]
+    penalised = jnp.where(logits_BV > 0, logits_BV / rep, logits_BV * rep)
+    logits_BV = jnp.where(seen_BV | (counts_BV > 0), penalised, logits_BV)
+    counts = counts_BV.astype(jnp.float32)
+    return (logits_BV - rp["presence_penalty"][:, None] * (counts > 0)
+            - rp["frequency_penalty"][:, None] * counts)
+
+
+def filter_logits(logits_BV, rp):
+    """Temperature, then top-k / top-p / min-p masks (-inf outside). Greedy rows are left unscaled.
+
+    The full-vocabulary sort that top-k / top-p need runs only when some row asks for one of them."""
+    t = rp["temperature"][:, None]
+    logits = jnp.where(t > 0, logits_BV / jnp.where(t > 0, t, 1.0), logits_BV)
+    needs_sort = jnp.any((rp["top_k"] > 0) | (rp["top_p"] < 1.0))
+    keep = jax.lax.cond(needs_sort, _top_k_top_p_mask, lambda lg, _: jnp.ones(lg.shape, bool), logits, rp)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep &= probs >= rp["min_p"][:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def _top_k_top_p_mask(logits, rp):
+    V = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+    k = jnp.where(rp["top_k"] > 0, jnp.minimum(rp["top_k"], V), V)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [B, 1]
+    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+    cum_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted  # mass strictly above each sorted token
+    last = jnp.maximum(jnp.sum(cum_before < rp["top_p"][:, None], axis=-1) - 1, 0)  # last token in the nucleus
+    p_thresh = jnp.take_along_axis(sorted_desc, last[:, None], axis=-1)
+    return (logits >= kth) & (logits >= p_thresh)
+
+
+def sample(logits_BV, rp, counts_BV, seen_BV, top_logprobs: int):
+    """-> (tokens [B] int32, chosen logprob [B], top ids [B, n], top logprobs [B, n])."""
+    raw_logprobs = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    logits = jax.lax.cond(jnp.any((rp["repetition_penalty"] != 1) | (rp["presence_penalty"] != 0)
+                                  | (rp["frequency_penalty"] != 0)),
+                          lambda lg: apply_penalties(lg, rp, counts_BV, seen_BV), lambda lg: lg,
+                          logits_BV.astype(jnp.float32))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(lg):
+        filtered = filter_logits(lg, rp)
+        keys = jax.vmap(lambda s, g: jax.random.fold_in(jax.random.PRNGKey(s), g))(rp["seed"], rp["generated"])
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, lg.shape[-1:], jnp.float32))(keys)
+        return jnp.where(rp["temperature"] > 0, jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32), greedy)
+
+    tokens = jax.lax.cond(jnp.any(rp["temperature"] > 0), draw, lambda lg: greedy, logits)
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    if top_logprobs:
+        top_lp, top_ids = jax.lax.top_k(raw_logprobs, top_logprobs)
+    else:
+        top_lp = jnp.zeros((logits.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    return tokens, chosen, top_ids, top_lp

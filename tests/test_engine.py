@@ -1,0 +1,173 @@
+"""The inference engine against transformers' generate, under memory pressure, with prefix caching,
+and sharded; plus per-request errors and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from infer import LLM, SamplingParams
+from qwen_jax import RequestError
+from reference.hf_models import build, build_tokenizer, qwen3_chat_template
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def _tiny(d, kind):
+    extra = dict(num_experts=8) if kind == "moe" else {}
+    model, path = build(d, vocab_size=320, num_hidden_layers=2, max_position_embeddings=256, **extra)
+    build_tokenizer(d, qwen3_chat_template())
+    model.generation_config.eos_token_id = None  # compare full 40-token continuations
+    return model, path
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def model_dir(request, tmp_path_factory):
+    """Dense and MoE: for the tests where the model kind changes what the engine does."""
+    return _tiny(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    return _tiny(tmp_path_factory.mktemp("dense"), "dense")
+
+
+def _hf_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _prompts(rng, lengths, vocab=320):
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+def test_greedy_matches_transformers_single_and_batched(model_dir):
+    model, path = model_dir
+    llm = LLM(path, max_model_len=128, num_kv_blocks=64, block_size=8, max_num_batched_tokens=64)
+    rng = np.random.default_rng()
+    prompts = _prompts(rng, [5, 23, 11, 40, 1])  # mixed lengths; 80 tokens exceed one 64-token prefill step
+    expected = [_hf_greedy(model, p, 40) for p in prompts]
+    assert llm.generate(prompts[1], GREEDY, use_tqdm=False)[0].token_ids == expected[1]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for out, exp in zip(outs, expected):
+        assert out.token_ids == exp and out.finish_reason == "length"
+
+
+def test_chunked_prefill_and_preemption_under_pressure(model_dir):
+    model, path = model_dir
+    rng = np.random.default_rng()
+    n = 10
+    prompts = _prompts(rng, rng.integers(1, 60, n).tolist())
+    params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(5, 40, n)]
+    # 13 blocks of 8 tokens: room for about two sequences at once; prefill chunks of 16 tokens.
+    tight = LLM(path, max_model_len=100, num_kv_blocks=13, block_size=8, max_num_seqs=6, max_num_batched_tokens=16)
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.scheduler.num_preemptions > 0
+    for out, p, sp in zip(outs, prompts, params):  # each equals the reference run on that prompt alone
+        assert out.token_ids == _hf_greedy(model, p, sp.max_tokens)
+    assert tight.block_manager.num_free == 13  # everything was given back
+
+
+def test_prefix_caching_reuses_blocks_and_gives_same_output(dense_dir):
+    _, path = dense_dir
+    rng = np.random.default_rng()
+    shared = _prompts(rng, [37])[0]
+    a, b = shared + _prompts(rng, [5])[0], shared + _prompts(rng, [9])[0]
+    llm = LLM(path, max_model_len=128, num_kv_blocks=64, block_size=8)
+    llm.generate(a, GREEDY, use_tqdm=False)
+    hits = llm.block_manager.cache_hits
+    out = llm.generate(b, GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 32 and llm.block_manager.cache_hits - hits == 4  # 4 full shared blocks
+    fresh = LLM(path, max_model_len=128, num_kv_blocks=64, block_size=8).generate(b, GREEDY, use_tqdm=False)[0]
+    assert fresh.num_cached_tokens == 0 and out.token_ids == fresh.token_ids
+
+
+@pytest.mark.parametrize("kind,kv_heads", [("moe", 4), ("dense", 2)])
+def test_sharded_engine_matches_unsharded(tmp_path, kind, kv_heads):
+    extra = dict(num_experts=8) if kind == "moe" else {}
+    _, path = build(tmp_path, vocab_size=320, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=kv_heads, max_position_embeddings=256, **extra)
+    build_tokenizer(tmp_path)
+    prompts = _prompts(np.random.default_rng(), [7, 30, 12])
+    one = LLM(path, max_model_len=128, num_kv_blocks=64).generate(prompts, GREEDY, use_tqdm=False)
+    four = LLM(path, max_model_len=128, num_kv_blocks=64, tensor_parallel=4)
+    # KV pool [L, blocks, block_size, kv_heads, head_dim]: kv heads on `tensor` when 4 divides them
+    assert four.runner.cache["k"].sharding.spec[3] == ("tensor" if kv_heads == 4 else None)
+    assert [o.token_ids for o in four.generate(prompts, GREEDY, use_tqdm=False)] == [o.token_ids for o in one]
+
+
+def test_seeds_stops_logprobs_and_request_errors(dense_dir):
+    _, path = dense_dir
+    llm = LLM(path, max_model_len=64, num_kv_blocks=64)
+    p = [5, 6, 7, 8]
+    s1 = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=3, ignore_eos=True)
+    a = llm.generate([p, p], [s1, s1], use_tqdm=False)
+    b = llm.generate(p, s1, use_tqdm=False)[0]
+    assert a[0].token_ids == a[1].token_ids == b.token_ids  # same seed, alone or batched
+    c = llm.generate(p, SamplingParams(temperature=1.0, max_tokens=20, seed=4, ignore_eos=True), use_tqdm=False)[0]
+    assert c.token_ids != b.token_ids
+    stop_tok = b.token_ids[5]
+    d = llm.generate(p, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=3, ignore_eos=True,
+                                       stop_token_ids=[stop_tok]), use_tqdm=False)[0]
+    assert d.token_ids == b.token_ids[:b.token_ids.index(stop_tok) + 1] and d.finish_reason == "stop"
+    lp = llm.generate(p, SamplingParams(temperature=0, max_tokens=3, logprobs=4, ignore_eos=True),
+                      use_tqdm=False)[0]
+    assert len(lp.logprobs) == 3 and all(len(x) == 4 for x in lp.logprobs)
+    first = lp.logprobs[0]
+    assert list(first)[0] == lp.token_ids[0] and first[lp.token_ids[0]] == max(first.values())
+    outs = llm.generate([[], list(range(70)), [5, 999], p], SamplingParams(temperature=0, max_tokens=4),
+                        use_tqdm=False)
+    assert [o.finish_reason for o in outs[:3]] == ["error"] * 3
+    assert "empty prompt" in outs[0].error and "max_model_len is 64" in outs[1].error
+    assert "token id 999 is outside the vocabulary" in outs[2].error
+    assert outs[3].error is None and len(outs[3].token_ids) >= 1
+    with pytest.raises(RequestError, match="top_p must be in"):
+        llm.generate(p, SamplingParams(top_p=0.0))
+
+
+def test_cli_stream_and_batch_file(dense_dir, tmp_path):
+    _, path = dense_dir
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO
+    common = [sys.executable, "-m", "infer.generate", "--model", path, "--max-model-len", "64",
+              "--num-kv-blocks", "32", "--temperature", "0", "--ignore-eos"]
+    r = subprocess.run(common + ["--prompt", "Hello, world", "--max-tokens", "5"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello, world") and "finish_reason: length" in r.stderr
+    lines = [{"prompt": "To be", "max_tokens": 3}, {"messages": [{"role": "user", "content": "hi"}]},
+             {"prompt": "x " * 80}, {"prompt": "or not", "max_tokens": 2, "id": "q4"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = subprocess.run(common + ["--prompts-file", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+                                 "--max-tokens", "4"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = [json.loads(x) for x in open(tmp_path / "o.jsonl")]
+    assert [len(x["token_ids"]) for x in res] == [3, 4, 0, 2] and res[3]["id"] == "q4"
+    assert "max_model_len" in res[2]["error"] and "request 3: error" in r.stderr
+    bad = subprocess.run(common + ["--prompt", "x", "--top-p", "2"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: invalid sampling")
+
+
+def test_gpu_pool_sizing_runs_a_warmup_and_uses_the_memory_left(dense_dir, monkeypatch):
+    """The GPU path (device memory statistics present), exercised on CPU with stated statistics."""
+    import infer.engine as engine
+
+    calls = []
+
+    def fake_stats():
+        calls.append(1)
+        return {"bytes_limit": 64 * 2**20, "bytes_in_use": 10 * 2**20, "peak_bytes_in_use": 24 * 2**20}
+
+    monkeypatch.setattr(engine, "device_memory_stats", fake_stats)
+    _, path = dense_dir
+    llm = LLM(path, max_model_len=128, kv_cache_memory_fraction=0.5, max_num_batched_tokens=64)
+    assert len(calls) == 2  # before and after the warm-up step
+    assert llm.num_blocks == int((64 - 24) * 2**20 * 0.5) // llm._bytes_per_block()
+    assert llm.generate([5, 6, 7], GREEDY, use_tqdm=False)[0].finish_reason == "length"

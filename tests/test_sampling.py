@@ -1,0 +1,89 @@
+"""The on-device sampler: allowed sets, the temperature distribution, penalties, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infer import sampling
+from infer.sampling import SamplingParams
+from qwen_jax import RequestError
+
+V = 12
+
+
+def _draw(logits, sp: SamplingParams, n: int, counts=None, seen=None):
+    """n samples of one row (each with its own key via the `generated` counter)."""
+    rp = sampling.row_params([sp] * n, [sp.seed or 0] * n, list(range(n)), n)
+    lg = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, V))
+    c = jnp.zeros((n, V), jnp.int32) if counts is None else jnp.broadcast_to(counts, (n, V))
+    s = jnp.zeros((n, V), bool) if seen is None else jnp.broadcast_to(seen, (n, V))
+    tokens, chosen, _, _ = jax.jit(sampling.sample, static_argnums=4)(lg, rp, c, s, 0)
+    return np.asarray(tokens), np.asarray(chosen)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_top_k_top_p_min_p_never_leave_the_allowed_set(rng):
+    logits = rng.standard_normal(V) * 2
+    order = np.argsort(-logits)
+    p = _softmax(logits)
+    cases = {
+        SamplingParams(temperature=1.0, top_k=3, seed=1): set(order[:3]),
+        SamplingParams(temperature=1.0, top_p=0.6, seed=2): set(order[:np.searchsorted(np.cumsum(p[order]), 0.6) + 1]),
+        SamplingParams(temperature=1.0, min_p=0.2, seed=3): set(np.nonzero(p >= 0.2 * p.max())[0]),
+    }
+    for sp, allowed in cases.items():
+        tokens, _ = _draw(logits, sp, 600)
+        assert set(tokens.tolist()) <= allowed, sp
+        assert len(set(tokens.tolist())) == len(allowed)  # and every allowed token shows up
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_sampling_follows_softmax(rng, temperature):
+    logits = rng.standard_normal(V)
+    n = 20000
+    tokens, _ = _draw(logits, SamplingParams(temperature=temperature, seed=int(rng.integers(1000))), n)
+    freq = np.bincount(tokens, minlength=V) / n
+    expected = _softmax(logits / temperature)
+    # chi-square statistic with V-1 = 11 degrees of freedom; 31.3 is the 0.1% critical value
+    chi2 = n * np.sum((freq - expected) ** 2 / expected)
+    assert chi2 < 31.3, (chi2, freq, expected)
+
+
+def test_greedy_and_logprobs(rng):
+    logits = rng.standard_normal(V)
+    tokens, chosen = _draw(logits, SamplingParams(temperature=0), 4)
+    assert (tokens == np.argmax(logits)).all()
+    np.testing.assert_allclose(chosen, np.log(_softmax(logits))[np.argmax(logits)], rtol=1e-5)
+
+
+def test_penalties_match_their_definition(rng):
+    logits = rng.standard_normal(V).astype(np.float32) * 3
+    counts = np.zeros(V, np.int32)
+    counts[[1, 4]] = [2, 1]
+    seen = np.zeros(V, bool)
+    seen[[4, 7]] = True
+    sp = SamplingParams(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.25)
+    rp = sampling.row_params([sp], [0], [0], 1)
+    got = np.asarray(sampling.apply_penalties(jnp.asarray(logits[None]), rp, jnp.asarray(counts[None]),
+                                              jnp.asarray(seen[None])))[0]
+    ref = logits.copy()
+    hit = seen | (counts > 0)
+    ref[hit] = np.where(ref[hit] > 0, ref[hit] / 1.5, ref[hit] * 1.5)
+    ref -= 0.5 * (counts > 0) + 0.25 * counts
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(min_p=1.5), "min_p"), (dict(max_tokens=0), "max_tokens"), (dict(repetition_penalty=0), "repetition"),
+    (dict(presence_penalty=3), "presence"), (dict(seed=-1), "seed"), (dict(logprobs=50), "logprobs"),
+    (dict(stop=("",)), "stop"),
+])
+def test_invalid_parameters(kw, msg):
+    with pytest.raises(RequestError, match=msg):
+        SamplingParams(**kw).validate()
