@@ -74,33 +74,24 @@ def _sampling(args, overrides: dict | None = None):
 
 
 def _read_prompts(path: str, llm, args):
-    """-> list of (prompt or None, sampling params, line error or None)."""
+    """-> [(the line's object, prompt text, sampling params)]."""
     from qwen_jax.errors import DataError, RequestError
+    from qwen_jax.jsonl import iter_jsonl
 
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
     items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not (isinstance(obj.get("prompt"), str) or
-                                                 isinstance(obj.get("messages"), list)):
-                raise DataError(f"{path}:{n}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
-            overrides = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "id")}
-            try:
-                sp = _sampling(args, overrides)
-            except RequestError as e:
-                raise RequestError(f"{path}:{n}: {e}") from None
-            prompt = obj.get("prompt")
-            if prompt is None:
-                prompt = llm.tokenizer.apply_chat_template(obj["messages"], enable_thinking=args.enable_thinking,
-                                                           tokenize=False)
-            items.append((obj, prompt, sp))
+    for n, obj in iter_jsonl(path):
+        if not (isinstance(obj.get("prompt"), str) or isinstance(obj.get("messages"), list)):
+            raise DataError(f"{path}:{n}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
+        overrides = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "id")}
+        try:
+            sp = _sampling(args, overrides)
+        except RequestError as e:
+            raise RequestError(f"{path}:{n}: {e}") from None
+        prompt = obj.get("prompt")
+        if prompt is None:
+            prompt = llm.tokenizer.apply_chat_template(obj["messages"], enable_thinking=args.enable_thinking,
+                                                       tokenize=False)
+        items.append((obj, prompt, sp))
     if not items:
         raise DataError(f"{path}: no prompts")
     return items

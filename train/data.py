@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import json
 import lzma
 import os
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from qwen_jax.errors import DataError
+from qwen_jax.jsonl import iter_jsonl
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "shakespeare.jsonl.xz")
 _OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
@@ -62,17 +62,10 @@ def read_documents(paths: list[str] | str, text_field: str = "text") -> list[str
             with opener(path, "rt", encoding="utf-8", errors="replace") as f:
                 docs.append(f.read())
         elif ext in (".jsonl", ".json"):
-            with opener(path, "rt", encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                        raise DataError(f"{path}:{n}: expected an object with a string field {text_field!r}")
-                    docs.append(obj[text_field])
+            for n, obj in iter_jsonl(path, opener):
+                if not isinstance(obj.get(text_field), str):
+                    raise DataError(f"{path}:{n}: expected an object with a string field {text_field!r}")
+                docs.append(obj[text_field])
         elif ext == ".parquet":
             try:
                 import pyarrow.parquet as pq
