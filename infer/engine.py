@@ -10,8 +10,8 @@ and finish the sequences that hit EOS, a stop token or string, max_tokens or max
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 import time
 from typing import Iterator, Sequence as Seq
 
@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import qwen_jax
-from infer.block_manager import BlockManager, Sequence
+from infer.block_manager import BlockManager, Sequence, Status
 from infer.runner import ModelRunner
 from infer.sampling import SamplingParams
 from infer.scheduler import Scheduler
@@ -170,6 +170,17 @@ class LLM:
         """Run until every sequence finishes; yields (sequences finished this step, tokens generated)."""
         for seq in seqs:
             self.scheduler.add(seq)
+        try:
+            yield from self._loop()
+        finally:  # an abandoned stream or an exception: release what unfinished requests hold
+            for seq in seqs:
+                if seq.status != Status.FINISHED:
+                    self.scheduler.abort(seq)
+                    if seq.slot >= 0:
+                        self._free_slots.append(seq.slot)
+                        seq.slot = -1
+
+    def _loop(self) -> Iterator[tuple[list[Sequence], int]]:
         while not self.scheduler.done:
             batch, _ = self.scheduler.schedule()
             for seq, _ in batch:
@@ -219,13 +230,14 @@ class LLM:
         bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm or None, dynamic_ncols=True)
         bar.update(len(outputs))
         t0, total = time.perf_counter(), 0
-        for finished, generated in self._steps(seqs):
-            total += generated
-            for seq in finished:
-                outputs[seq.index] = self._output(seq, prompts[seq.index])
-            if finished:
-                bar.update(len(finished))
-                bar.set_postfix(tok_s=f"{total / max(time.perf_counter() - t0, 1e-9):,.0f}")
+        with contextlib.closing(self._steps(seqs)) as steps:
+            for finished, generated in steps:
+                total += generated
+                for seq in finished:
+                    outputs[seq.index] = self._output(seq, prompts[seq.index])
+                if finished:
+                    bar.update(len(finished))
+                    bar.set_postfix(tok_s=f"{total / max(time.perf_counter() - t0, 1e-9):,.0f}")
         bar.close()
         return [outputs[i] for i in range(len(prompts))]
 
@@ -236,13 +248,14 @@ class LLM:
         if errors:
             raise RequestError(errors[0].error)
         seq, emitted = seqs[0], ""
-        for finished, _ in self._steps(seqs):
-            text = self._output(seq, prompt).text if finished else self.tokenizer.decode(seq.output_ids)
-            if seq.params.stop and not finished:
-                text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop))]  # a stop may be forming
-            if text.endswith("\ufffd") and not finished:
-                continue  # an incomplete multi-byte character
-            if len(text) > len(emitted) and text.startswith(emitted):
-                yield text[len(emitted):]
-                emitted = text
+        with contextlib.closing(self._steps(seqs)) as steps:
+            for finished, _ in steps:
+                text = self._output(seq, prompt).text if finished else self.tokenizer.decode(seq.output_ids)
+                if seq.params.stop and not finished:
+                    text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop))]  # a stop may be forming
+                if text.endswith("\ufffd") and not finished:
+                    continue  # an incomplete multi-byte character
+                if len(text) > len(emitted) and text.startswith(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
         self.last_finish_reason = seq.finish_reason

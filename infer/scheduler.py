@@ -82,3 +82,13 @@ class Scheduler:
         seq.status = Status.FINISHED
         self.bm.deallocate(seq)
         self.running.remove(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished sequence (its caller went away), freeing its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.deallocate(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = seq.finish_reason or "abort"

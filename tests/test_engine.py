@@ -131,6 +131,16 @@ def test_seeds_stops_logprobs_and_request_errors(dense_dir):
         llm.generate(p, SamplingParams(top_p=0.0))
 
 
+def test_abandoned_stream_releases_its_blocks(dense_dir):
+    _, path = dense_dir
+    llm = LLM(path, max_model_len=64, num_kv_blocks=32)
+    stream = llm.stream([5, 6, 7], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    next(stream)
+    stream.close()  # the caller stops listening mid-generation
+    assert llm.block_manager.num_free == 32 and llm.scheduler.done and len(llm._free_slots) == llm.max_num_seqs
+    assert llm.generate([5, 6, 7], GREEDY, use_tqdm=False)[0].finish_reason == "length"
+
+
 def test_cli_stream_and_batch_file(dense_dir, tmp_path):
     _, path = dense_dir
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
