@@ -51,6 +51,13 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """token_ids[start:stop] without building the whole list (the per-step hot path)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        return self.prompt_ids[start:stop] + self.output_ids[:max(0, stop - n)]
+
     @property
     def in_prefill(self) -> bool:
         """More than the last token still lacks K/V (a prompt, or a recompute after preemption). A sequence

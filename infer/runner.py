@@ -84,8 +84,7 @@ class ModelRunner:
         valid = np.zeros(B, bool)
         for r, (seq, k) in enumerate(batch):
             start = seq.num_computed
-            toks = seq.token_ids[start:start + k]
-            ids[r, T - k:] = toks
+            ids[r, T - k:] = seq.tokens(start, start + k)
             positions[r, T - k:] = np.arange(start, start + k)
             slots[r, T - k:] = [bm.slot(seq, p) for p in range(start, start + k)]
             tables[r, :len(seq.block_table)] = seq.block_table
