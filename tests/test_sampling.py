@@ -37,7 +37,7 @@ def test_top_k_top_p_min_p_never_leave_the_allowed_set(rng):
         SamplingParams(temperature=1.0, min_p=0.2, seed=3): set(np.nonzero(p >= 0.2 * p.max())[0]),
     }
     for sp, allowed in cases.items():
-        tokens, _ = _draw(logits, sp, 600)
+        tokens, _ = _draw(logits, sp, 2000)
         assert set(tokens.tolist()) <= allowed, sp
         assert len(set(tokens.tolist())) == len(allowed)  # and every allowed token shows up
 
@@ -49,9 +49,10 @@ def test_temperature_sampling_follows_softmax(rng, temperature):
     tokens, _ = _draw(logits, SamplingParams(temperature=temperature, seed=int(rng.integers(1000))), n)
     freq = np.bincount(tokens, minlength=V) / n
     expected = _softmax(logits / temperature)
-    # chi-square statistic with V-1 = 11 degrees of freedom; 31.3 is the 0.1% critical value
+    # chi-square statistic with V-1 = 11 degrees of freedom; P(chi2 > 40) is about 4e-5 for a correct sampler,
+    # while a wrong temperature or filter gives thousands at n = 20000
     chi2 = n * np.sum((freq - expected) ** 2 / expected)
-    assert chi2 < 31.3, (chi2, freq, expected)
+    assert chi2 < 40.0, (chi2, freq, expected)
 
 
 def test_greedy_and_logprobs(rng):

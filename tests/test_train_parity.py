@@ -58,10 +58,12 @@ def test_loss_and_gradients_match_pytorch(tmp_path, overrides):
         assert rel_err(ours[k], theirs[k]) <= 1e-4, k
 
 
-# Adam divides m by sqrt(v) + eps: where a gradient element is ~eps, float32 summation noise in that element is
-# amplified to O(lr) in its update. With eps=1e-5 no element is that small and the match is tight (a wrong
-# weight-decay mask would show at ~1e-3); the default eps=1e-8 is held to the looser bound this noise allows.
-@pytest.mark.parametrize("eps,tol", [(1e-5, 5e-5), (1e-8, 5e-4)])
+# Adam divides m by sqrt(v) + eps. With the default eps=1e-8, a gradient element of ~1e-8 turns the float32
+# summation noise in it (both sides sum in different orders) into an O(lr) difference in its update: we
+# measured 5e-5 to 6e-4 relative, varying with the random inputs. With eps=1e-4 every update is smooth in the
+# gradient, so the comparison is tight and stable, while a wrong weight-decay mask would still show at ~1e-3.
+# The optimizer's arithmetic does not depend on eps's value.
+@pytest.mark.parametrize("eps,tol", [(1e-4, 5e-5)])
 def test_adamw_steps_match_torch(tmp_path, eps, tol):
     tc = dataclasses.replace(TC, eps=eps)
     model, path = build(tmp_path, num_hidden_layers=2, tie_word_embeddings=False)
@@ -147,7 +149,7 @@ def test_sharded_step_keeps_placement_and_matches_unsharded(tmp_path, mesh_spec,
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
     tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 4, 17)).astype(np.int32)
     batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens)}
-    tc = dataclasses.replace(TC, batch_size=4, eps=1e-5)
+    tc = dataclasses.replace(TC, batch_size=4, eps=1e-4)  # eps: see test_adamw_steps_match_torch
     results = []
     for spec in ("data=1", mesh_spec):
         rules = ShardingRules(make_mesh(spec, devices=jax.devices()[: 1 if spec == "data=1" else 8]))
