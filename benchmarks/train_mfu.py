@@ -80,7 +80,7 @@ def main(argv=None):
         rows.append([name + (" (CPU-scaled)" if cpu else ""), f"{cfg.num_params(active=True) / 1e6:,.0f}M", seq, bs,
                      seconds * 1e3, tok_s, fpt * tok_s / 1e12, "n/a" if mfu is None else f"{mfu:.1%}",
                      f"{mem.get('peak_bytes_in_use', 0) / 2**30:.1f}" if mem else "n/a"])
-        del state, holder, params
+        del state, params, holder["state"]
     table = markdown_table(["model", "active params", "seq", "batch", "step ms", "tokens/s", "TFLOP/s", "MFU",
                             "peak GiB"], rows)
     record("Training throughput (benchmarks/train_mfu.py)", table,

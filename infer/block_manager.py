@@ -41,7 +41,7 @@ class Sequence:
         self.slot = -1  # row in the sampler's penalty state
         self.finish_reason: str | None = None
         self.logprobs: list = []
-        self.text = ""  # detokenised output (maintained only when needed)
+        self.text: str | None = None  # the output text, set only when a stop string cut it
         self.hashes: list[int] = []  # chain hashes of the leading full blocks whose K/V are computed
 
     def __len__(self) -> int:

@@ -157,10 +157,10 @@ class LLM:
         if (token in self.eos_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
             return "stop"
         if sp.stop:
-            seq.text = self.tokenizer.decode(seq.output_ids)
-            hits = [seq.text.find(s) for s in sp.stop if s in seq.text]
+            text = self.tokenizer.decode(seq.output_ids)
+            hits = [text.find(s) for s in sp.stop if s in text]
             if hits:
-                seq.text = seq.text[:min(hits)]
+                seq.text = text[:min(hits)]  # the output, cut before the stop string
                 return "stop"
         if len(seq.output_ids) >= sp.max_tokens or len(seq) >= self.max_model_len:
             return "length"
@@ -212,8 +212,7 @@ class LLM:
             yield finished, generated
 
     def _output(self, seq: Sequence, prompt) -> RequestOutput:
-        text = seq.text if seq.params.stop and seq.finish_reason == "stop" and seq.text is not None else \
-            self.tokenizer.decode(seq.output_ids)
+        text = seq.text if seq.text is not None else self.tokenizer.decode(seq.output_ids)
         return RequestOutput(seq.index, prompt if isinstance(prompt, str) else None, seq.prompt_ids,
                              list(seq.output_ids), text, seq.finish_reason,
                              seq.logprobs if seq.params.logprobs is not None else None, seq.num_cached)

@@ -8,7 +8,6 @@ fall before position 0 (padding) see no key and give zeros.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from kernels.flash_attention import masked_softmax_attention

@@ -131,6 +131,18 @@ def test_seeds_stops_logprobs_and_request_errors(dense_dir):
         llm.generate(p, SamplingParams(top_p=0.0))
 
 
+def test_stop_strings_cut_the_text():
+    """On the shipped model, whose greedy continuation of "ROMEO.\\n" is known text."""
+    llm = LLM(max_model_len=128, num_kv_blocks=32)
+    full = llm.generate("ROMEO.\n", SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    stop = full.text.strip().split()[2]  # the third word
+    cut = llm.generate("ROMEO.\n", SamplingParams(temperature=0, max_tokens=24, stop=[stop]), use_tqdm=False)[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    assert stop not in cut.text and len(cut.token_ids) < len(full.token_ids)
+    streamed = "".join(llm.stream("ROMEO.\n", SamplingParams(temperature=0, max_tokens=24, stop=[stop])))
+    assert streamed == cut.text
+
+
 def test_abandoned_stream_releases_its_blocks(dense_dir):
     _, path = dense_dir
     llm = LLM(path, max_model_len=64, num_kv_blocks=32)
