@@ -7,8 +7,10 @@ from typing import Callable, Iterator
 from qwen_jax.errors import DataError
 
 
-def iter_jsonl(path: str, opener: Callable = open) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; DataError for a line that is not a JSON object."""
+def iter_jsonl(path: str, opener: Callable = open,
+               on_bad: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line. A line that is not a JSON object is a DataError, or,
+    with `on_bad`, is passed to on_bad(line number, reason) and skipped."""
     import json
 
     try:
@@ -22,7 +24,12 @@ def iter_jsonl(path: str, opener: Callable = open) -> Iterator[tuple[int, dict]]
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+                reason = f"not valid JSON ({e.msg})"
+            else:
+                if isinstance(obj, dict):
+                    yield n, obj
+                    continue
+                reason = f"expected a JSON object, got {type(obj).__name__}"
+            if on_bad is None:
+                raise DataError(f"{path}:{n}: {reason}")
+            on_bad(n, reason)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import kernels
 from qwen_jax import moe, rope
 from qwen_jax.config import Qwen3Config
+from qwen_jax.lora import LoraConfig, lora_a_init
 from qwen_jax.sharding import ShardingRules, constrain
 
 _INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
@@ -51,6 +52,19 @@ def _param(module: nn.Module, name: str, shape, names, init=_INIT):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype)
 
 
+def _plus_lora(module: nn.Module, name: str, y, x, w_shape, in_dims: int, names):
+    """y (= x @ W) plus the LoRA term scale * (x @ A) @ B when `name` is adapted. W is [*in, *out] with
+    `in_dims` input dims contracted against x's last dims; A [*in, r], B [r, *out]."""
+    lc = module.lora
+    if lc is None or name not in lc.targets:
+        return y
+    a = _param(module, f"{name}_lora_a", (*w_shape[:in_dims], lc.rank), (*names[:in_dims], None), lora_a_init)
+    b = _param(module, f"{name}_lora_b", (lc.rank, *w_shape[in_dims:]), (None, *names[in_dims:]),
+               nn.initializers.zeros)
+    xa = jnp.tensordot(x, a.astype(x.dtype), axes=in_dims)
+    return y + lc.scale * jnp.tensordot(xa, b.astype(x.dtype), axes=1)
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any = jnp.float32
@@ -70,6 +84,7 @@ class Attention(nn.Module):
     param_dtype: Any
     rules: ShardingRules | None
     attn_impl: str
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_BTD, cos, sin, segment_ids, cache, layer, meta):
@@ -82,6 +97,10 @@ class Attention(nn.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq)
         k = jnp.einsum("BTD,DKH->BTKH", x_BTD, wk)
         v = jnp.einsum("BTD,DKH->BTKH", x_BTD, wv)
+        if self.lora is not None:
+            q = _plus_lora(self, "q", q, x_BTD, (D, N, H), 1, ("embed", "heads", "head_dim"))
+            k = _plus_lora(self, "k", k, x_BTD, (D, K, H), 1, ("embed", "kv_heads", "head_dim"))
+            v = _plus_lora(self, "v", v, x_BTD, (D, K, H), 1, ("embed", "kv_heads", "head_dim"))
         if c.attention_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
@@ -104,6 +123,8 @@ class Attention(nn.Module):
                                           impl=self.attn_impl)
         out = constrain(out, self.rules, ("act_batch", "act_seq", "act_heads", None))
         y = jnp.einsum("BTNH,NHD->BTD", out, wo)
+        if self.lora is not None:
+            y = _plus_lora(self, "o", y, out, (N, H, D), 2, ("heads", "head_dim", "embed"))
         if c.attention_bias:
             y = y + _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
         return y, cache
@@ -114,14 +135,21 @@ class MLP(nn.Module):
     dtype: Any
     param_dtype: Any
     rules: ShardingRules | None
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_BTD):
         D, F, dt = self.config.hidden_size, self.config.intermediate_size, self.dtype
         gate = jnp.einsum("BTD,DF->BTF", x_BTD, _param(self, "gate", (D, F), ("embed", "mlp")).astype(dt))
         up = jnp.einsum("BTD,DF->BTF", x_BTD, _param(self, "up", (D, F), ("embed", "mlp")).astype(dt))
+        if self.lora is not None:
+            gate = _plus_lora(self, "gate", gate, x_BTD, (D, F), 1, ("embed", "mlp"))
+            up = _plus_lora(self, "up", up, x_BTD, (D, F), 1, ("embed", "mlp"))
         h = constrain(jax.nn.silu(gate) * up, self.rules, ("act_batch", "act_seq", "act_mlp"))
-        return jnp.einsum("BTF,FD->BTD", h, _param(self, "down", (F, D), ("mlp", "embed")).astype(dt))
+        y = jnp.einsum("BTF,FD->BTD", h, _param(self, "down", (F, D), ("mlp", "embed")).astype(dt))
+        if self.lora is not None:
+            y = _plus_lora(self, "down", y, h, (F, D), 1, ("mlp", "embed"))
+        return y
 
 
 class MoEBlock(nn.Module):
@@ -156,20 +184,21 @@ class DecoderLayer(nn.Module):
     rules: ShardingRules | None
     attn_impl: str
     collect_hidden: bool
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, carry, cos, sin, segment_ids, meta):
         x, cache, layer = carry
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         h = RMSNorm(c.rms_norm_eps, dt, pdt, name="input_norm")(x)
-        h, cache = Attention(c, dt, pdt, self.rules, self.attn_impl, name="attn")(
+        h, cache = Attention(c, dt, pdt, self.rules, self.attn_impl, self.lora, name="attn")(
             h, cos, sin, segment_ids, cache, layer, meta)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, dt, pdt, name="post_attn_norm")(x)
         if self.is_moe:
             h, router_logits = MoEBlock(c, dt, pdt, self.rules, name="moe")(h)
         else:
-            h, router_logits = MLP(c, dt, pdt, self.rules, name="mlp")(h), None
+            h, router_logits = MLP(c, dt, pdt, self.rules, self.lora, name="mlp")(h), None
         x = constrain(x + h, self.rules, ("act_batch", "act_seq", "act_embed"))
         return (x, cache, layer + 1), (router_logits, x if self.collect_hidden else None)
 
@@ -190,6 +219,7 @@ class Qwen3(nn.Module):
     attn_impl: str = "auto"
     remat: str = "none"
     collect_hidden: bool = False
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids=None, cache=None, meta=None, return_hidden=False):
@@ -216,7 +246,7 @@ class Qwen3(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             carry, (rl, hs) = scanned(c, is_moe, dt, self.param_dtype, self.rules, self.attn_impl,
-                                      self.collect_hidden, name=f"layers_{g}")(carry, cos, sin, segment_ids, meta)
+                                      self.collect_hidden, self.lora, name=f"layers_{g}")(carry, cos, sin, segment_ids, meta)
             if is_moe:
                 router_logits.append(rl)
             if self.collect_hidden:
@@ -252,12 +282,13 @@ def _default_positions(input_ids):
 def forward(config: Qwen3Config, params, input_ids, positions=None, segment_ids=None, cache=None,
             meta: AttentionMeta | None = None, *, dtype=None, rules: ShardingRules | None = None,
             attn_impl: str = "auto", remat: str = "none", return_hidden: bool = False,
-            output_hidden_states: bool = False) -> ForwardOutput:
+            output_hidden_states: bool = False, lora: LoraConfig | None = None) -> ForwardOutput:
     """Pure, jittable forward.
 
     input_ids [B, T] int32; positions [B, T] (default 0..T-1); segment_ids [B, T] (packed documents,
     attention stays within equal ids); cache {"k","v": [L, num_blocks, block_size, Hkv, Hd]} with
-    `meta` for the paged path. `dtype` is the compute dtype (default: the params' dtype).
+    `meta` for the paged path. `dtype` is the compute dtype (default: the params' dtype). With `lora`, params
+    must also hold the adapter tensors (`qwen_jax.lora.combine(base, adapters)`).
     """
     if (cache is None) != (meta is None):
         raise ValueError("cache and meta must be given together")
@@ -266,31 +297,31 @@ def forward(config: Qwen3Config, params, input_ids, positions=None, segment_ids=
     if positions is None:
         positions = _default_positions(input_ids)
     model = Qwen3(config, dtype=dtype, param_dtype=params["embed"].dtype, rules=rules, attn_impl=attn_impl,
-                  remat=remat, collect_hidden=output_hidden_states)
+                  remat=remat, collect_hidden=output_hidden_states, lora=lora)
     return model.apply({"params": params}, input_ids, positions, segment_ids, cache, meta, return_hidden)
 
 
-def _boxed_shapes(config: Qwen3Config, param_dtype):
-    model = Qwen3(config, dtype=param_dtype, param_dtype=param_dtype)
+def _boxed_shapes(config: Qwen3Config, param_dtype, lora: LoraConfig | None = None):
+    model = Qwen3(config, dtype=param_dtype, param_dtype=param_dtype, lora=lora)
     ids = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids)["params"])
 
 
-def abstract_params(config: Qwen3Config, dtype=jnp.float32):
-    """ShapeDtypeStruct tree of the params (nothing allocated)."""
-    return nn.meta.unbox(_boxed_shapes(config, dtype))
+def abstract_params(config: Qwen3Config, dtype=jnp.float32, lora: LoraConfig | None = None):
+    """ShapeDtypeStruct tree of the params (nothing allocated); with `lora`, the adapters are included."""
+    return nn.meta.unbox(_boxed_shapes(config, dtype, lora))
 
 
-def param_logical_axes(config: Qwen3Config):
+def param_logical_axes(config: Qwen3Config, lora: LoraConfig | None = None):
     """Tree (same structure as params) of logical axis-name tuples, e.g. ("layers", "embed", "heads", "head_dim")."""
-    specs = nn.get_partition_spec(_boxed_shapes(config, jnp.float32))
+    specs = nn.get_partition_spec(_boxed_shapes(config, jnp.float32, lora))
     return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-def param_shardings(config: Qwen3Config, rules: ShardingRules, dtype=jnp.float32):
-    """NamedSharding tree for the params under `rules`."""
-    shapes = abstract_params(config, dtype)
-    axes = param_logical_axes(config)
+def param_shardings(config: Qwen3Config, rules: ShardingRules, dtype=jnp.float32, lora: LoraConfig | None = None):
+    """NamedSharding tree for the params under `rules` (with `lora`: base and adapters together)."""
+    shapes = abstract_params(config, dtype, lora)
+    axes = param_logical_axes(config, lora)
     return jax.tree.map(lambda s, names: rules.sharding(names, s.shape), shapes, axes,
                         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
@@ -306,6 +337,24 @@ def init_params(config: Qwen3Config, key: jax.Array, dtype=jnp.float32, rules: S
     if rules is None:
         return jax.jit(init)()
     return jax.jit(init, out_shardings=param_shardings(config, rules, dtype))()
+
+
+def init_lora_params(config: Qwen3Config, lora: LoraConfig, key: jax.Array, dtype=jnp.float32,
+                     rules: ShardingRules | None = None):
+    """Fresh LoRA adapters only (A random, B zero), in their sharding if `rules`. The base weights this
+    init also traces are dead code and never materialised."""
+    from qwen_jax import lora as lora_lib
+
+    model = Qwen3(config, dtype=dtype, param_dtype=dtype, lora=lora.validate())
+    ids = jnp.zeros((1, 1), jnp.int32)
+
+    def init():
+        return lora_lib.split(nn.meta.unbox(model.init(key, ids, ids)["params"]))[1]
+
+    if rules is None:
+        return jax.jit(init)()
+    shardings = lora_lib.split(param_shardings(config, rules, dtype, lora))[1]
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def init_cache(config: Qwen3Config, num_blocks: int, block_size: int, dtype=jnp.bfloat16,

@@ -37,6 +37,6 @@ def test_held_out_loss_is_well_below_unigram_entropy():
     entropy = D.unigram_entropy(train_ds, cfg.vocab_size)
     rules = ShardingRules(make_mesh("data=1", devices=jax.devices()[:1]))
     tc = TrainConfig(seq_len=256, compute_dtype="float32")
-    loss = evaluate(make_eval_step(cfg, tc, rules), params, eval_ds, 8, 4, rules)
+    loss = evaluate(make_eval_step(cfg, tc, rules), params, eval_ds, 8, 4, rules)["eval_loss"]
     assert entropy > 6.5
     assert loss < entropy - 1.0, (loss, entropy)

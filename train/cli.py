@@ -14,7 +14,9 @@ from qwen_jax.errors import QwenJaxError
 def add_common_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     d = defaults.get
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=d("steps", 1000), help="optimizer steps (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=d("steps", 1000),
+                   help="optimizer steps (default: %(default)s)" if d("steps", 1000) is not None
+                   else "optimizer steps (default: --epochs passes over the training rows)")
     g.add_argument("--seq-len", type=int, default=d("seq_len", 2048), help="tokens per row (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d("batch_size", 8),
                    help="rows per optimizer step, global across devices and hosts (default: %(default)s)")

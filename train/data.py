@@ -18,7 +18,6 @@ import bz2
 import gzip
 import lzma
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -123,24 +122,39 @@ def pack(docs: list[np.ndarray], row_len: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens[: n * row_len].reshape(n, row_len), seg[: n * row_len].reshape(n, row_len).astype(np.int32)
 
 
-@dataclass
-class PackedDataset:
-    tokens: np.ndarray  # [N, seq_len + 1] int32
-    segment_ids: np.ndarray  # [N, seq_len + 1] int32
+class RowDataset:
+    """Named arrays sharing a leading row axis (e.g. tokens [N, T+1], segment_ids [N, T+1], loss_mask ...)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        lens = {k: len(v) for k, v in arrays.items()}
+        if len(set(lens.values())) > 1:
+            raise ValueError(f"arrays disagree on the number of rows: {lens}")
+        self.arrays = dict(arrays)
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.arrays["tokens"])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.arrays["tokens"]
+
+    @property
+    def segment_ids(self) -> np.ndarray:
+        return self.arrays["segment_ids"]
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.size)
+
+    def _rows(self, rows) -> dict[str, np.ndarray]:
+        return {k: v[rows] for k, v in self.arrays.items()}
 
     def batches(self, batch_size: int, seed: int, state: dict | None = None) -> Iterator[tuple[dict, dict]]:
         """Endless (batch, state-after-this-batch) pairs: rows shuffled per epoch from (seed, epoch).
 
         Drops each epoch's last partial batch. `state` = {"epoch", "index"} resumes exactly."""
         if len(self) < batch_size:
-            raise DataError(f"dataset has {len(self)} rows of {self.tokens.shape[1]} tokens, fewer than one "
+            raise DataError(f"dataset has {len(self)} rows of {self.tokens.shape[-1]} tokens, fewer than one "
                             f"batch of {batch_size}; use more data, a smaller --batch-size or --seq-len")
         epoch, index = (state["epoch"], state["index"]) if state else (0, 0)
         per_epoch = len(self) // batch_size
@@ -150,15 +164,29 @@ class PackedDataset:
                 rows = np.sort(perm[index * batch_size:(index + 1) * batch_size])
                 index += 1
                 nxt = {"epoch": epoch, "index": index} if index < per_epoch else {"epoch": epoch + 1, "index": 0}
-                yield {"tokens": self.tokens[rows], "segment_ids": self.segment_ids[rows]}, nxt
+                yield self._rows(rows), nxt
             epoch, index = epoch + 1, 0
 
     def sequential(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict]:
-        """Unshuffled batches for evaluation (partial last batch dropped)."""
-        n = len(self) // batch_size
+        """Unshuffled batches for evaluation. A partial last batch is padded with all-zero rows (segment id 0:
+        no loss, no weight), so every row is evaluated and the batch shape stays fixed."""
+        n = -(-len(self) // batch_size)
         for i in range(n if max_batches is None else min(n, max_batches)):
-            sl = slice(i * batch_size, (i + 1) * batch_size)
-            yield {"tokens": self.tokens[sl], "segment_ids": self.segment_ids[sl]}
+            batch = self._rows(slice(i * batch_size, (i + 1) * batch_size))
+            short = batch_size - len(batch["tokens"])
+            if short:
+                batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+            yield batch
+
+
+class PackedDataset(RowDataset):
+    """Packed language-model rows: tokens, segment_ids [N, seq_len + 1] and, for SFT, a loss_mask."""
+
+    def __init__(self, tokens: np.ndarray, segment_ids: np.ndarray, loss_mask: np.ndarray | None = None):
+        arrays = {"tokens": tokens, "segment_ids": segment_ids}
+        if loss_mask is not None:
+            arrays["loss_mask"] = loss_mask
+        super().__init__(arrays)
 
 
 def build_datasets(tokenizer, paths, seq_len: int, eval_fraction: float, seed: int, eos_id: int,

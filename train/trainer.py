@@ -18,17 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import qwen_jax
+from qwen_jax import lora as lora_lib
 from qwen_jax import moe
 from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import ConfigError
+from qwen_jax.lora import LoraConfig
+from qwen_jax.model import output_head
 from qwen_jax.sharding import ShardingRules
 from train.checkpointing import Checkpointer
-from train.data import PackedDataset
-from qwen_jax.model import output_head
+from train.data import RowDataset
 from train.losses import chunked_cross_entropy
 from train.metrics import MetricsLogger, flops_per_token, peak_flops
 
@@ -115,13 +118,31 @@ def positions_from_segments(seg_BT: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
 
 
-def lm_loss_terms(config: Qwen3Config, tc: TrainConfig, params, batch, rules: ShardingRules | None):
-    """Sums over one micro-batch {"tokens", "segment_ids"}: [b, T+1] -> (ce_sum, z_sum, aux, n_tokens)."""
+def target_mask(batch) -> jax.Array:
+    """Which next-token targets count: [..., T+1] rows -> [..., T] bool. A target counts when it is in the
+    same segment as its input, is not padding (segment 0) and, with a loss_mask (SFT), is marked."""
+    seg = batch["segment_ids"]
+    mask = (seg[..., 1:] == seg[..., :-1]) & (seg[..., 1:] != 0)
+    if "loss_mask" in batch:
+        mask &= batch["loss_mask"][..., 1:] != 0
+    return mask
+
+
+def model_params(trainable, frozen, lora: LoraConfig | None):
+    """The params the forward sees: the trainable tree itself, or with LoRA the frozen base plus adapters."""
+    return lora_lib.combine(frozen["base"], trainable) if lora is not None else trainable
+
+
+def lm_loss_terms(config: Qwen3Config, tc: TrainConfig, params, batch, rules: ShardingRules | None,
+                  lora: LoraConfig | None = None):
+    """Sums over one micro-batch {"tokens", "segment_ids"[, "loss_mask"]}: [b, T+1] ->
+    (ce_sum, z_sum, aux, n_tokens). `params` are the forward's params (with adapters when `lora`)."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
     inputs, targets, seg_in = tokens[:, :-1], tokens[:, 1:], seg[:, :-1]
-    mask = seg[:, 1:] == seg_in  # never predict across a document boundary
+    mask = target_mask(batch)  # never predict across a document boundary
     out = qwen_jax.forward(config, params, inputs, positions=positions_from_segments(seg_in), segment_ids=seg_in,
-                           dtype=jnp.dtype(tc.compute_dtype), rules=rules, remat=tc.remat, return_hidden=True)
+                           dtype=jnp.dtype(tc.compute_dtype), rules=rules, remat=tc.remat, return_hidden=True,
+                           lora=lora)
     b, T, D = out.hidden.shape
     ce, z = chunked_cross_entropy(out.hidden.reshape(b * T, D), output_head(config, params), targets.reshape(-1),
                                   mask.reshape(-1), tc.ce_chunk)
@@ -131,33 +152,68 @@ def lm_loss_terms(config: Qwen3Config, tc: TrainConfig, params, batch, rules: Sh
     return ce, z, aux, jnp.sum(mask)
 
 
+class LMTask:
+    """Next-token cross-entropy over packed rows: pretraining, and SFT when rows carry a loss_mask.
+
+    A task supplies the objective of one micro-batch, normalised by whole-batch quantities so that the
+    micro-batch gradients add up to the full batch's, plus its metrics and held-out evaluation."""
+
+    def __init__(self, config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | None,
+                 lora: LoraConfig | None = None):
+        self.config, self.tc, self.rules, self.lora = config, tc, rules, lora
+        self.aux_coef = config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
+
+    def normalizer(self, batch):  # leaves [A, b, T+1] -> the batch's target-token count
+        return jnp.maximum(jnp.sum(target_mask(batch)), 1)
+
+    def loss(self, trainable, frozen, mb, norm, A):
+        ce, z, aux, _ = lm_loss_terms(self.config, self.tc, model_params(trainable, frozen, self.lora), mb,
+                                      self.rules, self.lora)
+        return ce / norm + self.tc.z_loss * z / norm + self.aux_coef * aux / A, {"ce": ce, "z": z, "aux": aux}
+
+    def metrics(self, sums, norm, A):
+        return {"loss": sums["ce"] / norm, "z_loss": sums["z"] / norm, "aux_loss": sums["aux"] / A}
+
+    def eval_sums(self, trainable, frozen, batch):
+        ce, _, _, n = lm_loss_terms(self.config, self.tc, model_params(trainable, frozen, self.lora), batch,
+                                    self.rules, self.lora)
+        return {"ce": ce, "n": n}
+
+    @staticmethod
+    def eval_metrics(sums) -> dict | None:
+        if not sums or sums["n"] == 0:
+            return None
+        loss = float(sums["ce"]) / float(sums["n"])
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+
+
 def make_train_step(config: Qwen3Config, tc: TrainConfig, optimizer, rules: ShardingRules | None,
-                    shardings=None):
-    """The jitted step (state, batch) -> (state, metrics); the state is donated. `shardings` (a tree like the
-    state, e.g. `state_shardings(state)`) pins the new state to the same placement as the old."""
-    aux_coef = config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
+                    shardings=None, task=None):
+    """The jitted step (state, batch, frozen=None) -> (state, metrics); the state is donated. `shardings`
+    (a tree like the state, e.g. `state_shardings(state)`) pins the new state to the same placement as the
+    old. `task` defines the objective (default: LMTask); `frozen` holds what is not trained (the LoRA base,
+    a DPO reference model)."""
+    task = task or LMTask(config, tc, rules)
     schedule = lr_schedule(tc)
 
-    def step(state, batch):  # batch leaves: [A, b, T+1]
-        A = batch["tokens"].shape[0]
-        n_total = jnp.maximum(jnp.sum(batch["segment_ids"][:, :, 1:] == batch["segment_ids"][:, :, :-1]), 1)
-
-        def objective(params, mb):
-            ce, z, aux, _ = lm_loss_terms(config, tc, params, mb, rules)
-            return ce / n_total + tc.z_loss * z / n_total + aux_coef * aux / A, (ce, z, aux)
+    def step(state, batch, frozen=None):  # batch leaves: [A, b, ...]
+        A = jax.tree.leaves(batch)[0].shape[0]
+        norm = task.normalizer(batch)
 
         def micro(carry, mb):
-            g_acc, ce_acc, z_acc, aux_acc = carry
-            (_, (ce, z, aux)), g = jax.value_and_grad(objective, has_aux=True)(state["params"], mb)
-            return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, z_acc + z, aux_acc + aux), None
+            g_acc, s_acc = carry
+            (_, sums), g = jax.value_and_grad(task.loss, has_aux=True)(state["params"], frozen, mb, norm, A)
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, ce, z, aux), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0.0), batch)
+        sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+            lambda: task.loss(state["params"], frozen, jax.tree.map(lambda x: x[0], batch), norm, A)[1]))
+        (grads, sums), _ = jax.lax.scan(micro, (zeros, sums0), batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": jax.random.split(state["rng"])[0]}
-        metrics = {"loss": ce / n_total, "z_loss": z / n_total, "aux_loss": aux / A,
-                   "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        metrics = {**task.metrics(sums, norm, A), "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state["step"])}
         return new_state, metrics
 
     if shardings is None:
@@ -165,12 +221,9 @@ def make_train_step(config: Qwen3Config, tc: TrainConfig, optimizer, rules: Shar
     return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
 
 
-def make_eval_step(config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | None):
-    def step(params, batch):
-        ce, _, _, n = lm_loss_terms(config, tc, params, batch, rules)
-        return ce, n
-
-    return jax.jit(step)
+def make_eval_step(config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | None, task=None):
+    task = task or LMTask(config, tc, rules)
+    return jax.jit(lambda params, batch, frozen=None: task.eval_sums(params, frozen, batch))
 
 
 def init_state(params, optimizer, seed: int):
@@ -195,30 +248,40 @@ def state_shardings(state):
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def put_batch(batch: dict[str, np.ndarray], rules: ShardingRules, names) -> dict[str, jax.Array]:
-    """Global numpy batch (identical on every process) -> global arrays sharded by logical `names`;
-    each device receives only its own block, whatever the mesh."""
+def batch_names(x: np.ndarray, lead: int) -> tuple:
+    """Logical names for a batch array: `lead` leading axes unsharded (grad-accum), then the batch axis."""
+    return (None,) * lead + ("act_batch",) + (None,) * (x.ndim - lead - 1)
+
+
+def put_batch(batch: dict[str, np.ndarray], rules: ShardingRules, names=None, lead: int = 0) -> dict[str, jax.Array]:
+    """Global numpy batch (identical on every process) -> global arrays sharded by logical `names` (default:
+    the batch axis after `lead` leading axes); each device receives only its own block, whatever the mesh."""
     out = {}
     for k, x in batch.items():
-        out[k] = jax.make_array_from_callback(x.shape, rules.sharding(names, x.shape), lambda idx, x=x: x[idx])
+        nm = names if names is not None else batch_names(x, lead)
+        out[k] = jax.make_array_from_callback(x.shape, rules.sharding(nm, x.shape), lambda idx, x=x: x[idx])
     return out
 
 
-def evaluate(eval_step, params, ds: PackedDataset, batch_size: int, max_batches: int, rules) -> float | None:
-    """Mean token cross-entropy over up to `max_batches` held-out batches (None if too little data)."""
-    total, count = 0.0, 0
+def evaluate(eval_step, params, ds: RowDataset, batch_size: int, max_batches: int, rules, task=None,
+             frozen=None) -> dict | None:
+    """The task's held-out metrics over up to `max_batches` batches (None if there is no held-out data).
+    For the LM task: {"eval_loss": mean token cross-entropy, "eval_ppl"}."""
+    total = None
     for batch in ds.sequential(batch_size, max_batches):
-        ce, n = eval_step(params, put_batch(batch, rules, ("act_batch", None)))
-        total, count = total + float(ce), count + int(n)
-    return total / count if count else None
+        sums = jax.device_get(eval_step(params, put_batch(batch, rules), frozen))
+        total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+    return (task or LMTask).eval_metrics(total)
 
 
-def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: PackedDataset, eval_ds: PackedDataset | None,
+def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval_ds: RowDataset | None,
         out_dir: str, rules: ShardingRules, *, resume: bool = False, meta: dict | None = None,
-        progress: bool = True) -> dict[str, Any]:
-    """Train for tc.steps optimizer steps (resuming from out_dir/checkpoints when asked). Returns the final
-    state and metrics: {"state", "train_loss", "eval_loss", "step", "resumed_from"}."""
+        progress: bool = True, task=None, frozen=None) -> dict[str, Any]:
+    """Train `params` (the trainable tree: all weights, or LoRA adapters with the base in `frozen`) for
+    tc.steps optimizer steps, resuming from out_dir/checkpoints when asked. Returns {"state", "step",
+    "resumed_from", "train_loss", "eval_loss", "eval" (the task's held-out metrics), "last" (last logged)}."""
     tc.validate()
+    task = task or LMTask(config, tc, rules)
     optimizer = make_optimizer(tc)
     state = init_state(params, optimizer, tc.seed)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep)
@@ -231,8 +294,8 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: PackedDataset, e
         resumed_from = int(state["step"])
     is_main = jax.process_index() == 0
     logger = MetricsLogger(out_dir, resume_step=resumed_from, enabled=is_main)
-    train_step = make_train_step(config, tc, optimizer, rules, state_shardings(state))
-    eval_step = make_eval_step(config, tc, rules)
+    train_step = make_train_step(config, tc, optimizer, rules, state_shardings(state), task)
+    eval_step = make_eval_step(config, tc, rules, task)
     micro = tc.batch_size // tc.grad_accum
     batches = train_ds.batches(tc.batch_size, tc.seed, data_state)
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -240,14 +303,21 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: PackedDataset, e
     start = int(state["step"])
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main) or None,
                dynamic_ncols=True)
-    last = {"train_loss": None, "eval_loss": None}
+    last = {"train_loss": None, "eval_loss": None, "eval": None, "last": None}
+
+    def run_eval(step):
+        ev = evaluate(eval_step, state["params"], eval_ds, micro, tc.eval_batches, rules, task, frozen)
+        if ev is not None:
+            logger.log(step, ev)
+        return ev
+
     t0, steps_since = time.perf_counter(), 0
     step = start
     try:
         while step < tc.steps:
             batch, data_state = next(batches)
-            batch = {k: v.reshape(tc.grad_accum, micro, -1) for k, v in batch.items()}
-            state, metrics = train_step(state, put_batch(batch, rules, (None, "act_batch", None)))
+            batch = {k: v.reshape(tc.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
+            state, metrics = train_step(state, put_batch(batch, rules, lead=1), frozen)
             step += 1
             steps_since += 1
             if step % tc.log_every == 0 or step == tc.steps:
@@ -260,14 +330,13 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: PackedDataset, e
                     raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
                 logger.log(step, record)
                 last["train_loss"] = float(metrics["loss"])
+                last["last"] = {k: float(v) for k, v in metrics.items()}
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}",
                                 **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
                 t0, steps_since = time.perf_counter(), 0
             bar.update(1)
             if eval_ds is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                ev = evaluate(eval_step, state["params"], eval_ds, micro, tc.eval_batches, rules)
-                if ev is not None:
-                    logger.log(step, {"eval_loss": ev, "eval_ppl": math.exp(ev)})
+                run_eval(step)
                 t0 = time.perf_counter()
             if step % tc.save_every == 0 or step == tc.steps:
                 ckpt.save(step, state, data_state, meta, force=step == tc.steps)
@@ -280,9 +349,8 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: PackedDataset, e
         raise
     bar.close()
     if eval_ds is not None:
-        last["eval_loss"] = evaluate(eval_step, state["params"], eval_ds, micro, tc.eval_batches, rules)
-        if last["eval_loss"] is not None:
-            logger.log(step, {"eval_loss": last["eval_loss"], "eval_ppl": math.exp(last["eval_loss"])})
+        last["eval"] = run_eval(step)
+        last["eval_loss"] = last["eval"]["eval_loss"] if last["eval"] else None
     ckpt.close()
     logger.close()
     return {"state": state, "step": step, "resumed_from": resumed_from, **last}

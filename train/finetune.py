@@ -1,0 +1,163 @@
+"""What train.sft and train.dpo share: flags, loading the starting checkpoint (full fine-tuning or LoRA),
+reading chat data with line-numbered problems, and the merged HF export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from qwen_jax.assets import DEFAULT_MODEL
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+
+
+def add_finetune_args(p: argparse.ArgumentParser, demo_file: str, defaults: dict) -> None:
+    from train.cli import add_common_args
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="HF checkpoint directory to start from (default: the shipped small model)")
+    g.add_argument("--data", nargs="+", default=None,
+                   help=f"JSONL file(s) (default: the shipped demo, train/demo/{demo_file})")
+    g.add_argument("--eval-fraction", type=float, default=0.05, help="share of the examples held out")
+    g.add_argument("--strict", action="store_true",
+                   help="stop at the first malformed line instead of skipping and reporting it")
+    g.add_argument("--epochs", type=float, default=1.0, help="training length when --steps is not given")
+    g = p.add_argument_group("LoRA (default: full fine-tuning)")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    g.add_argument("--lora-targets", default="all",
+                   help="'all' (q,k,v,o,gate,up,down), 'attn' (q,k,v,o) or a comma list (default: %(default)s)")
+    g.add_argument("--base-dtype", default=None,
+                   help="dtype of the frozen base weights with LoRA (default: the compute dtype)")
+    add_common_args(p, defaults)
+
+
+def parse_with_demo(p: argparse.ArgumentParser, argv, demo: dict):
+    """Parse; without --data, the demo's settings replace the defaults of flags not given explicitly."""
+    import sys
+
+    args = p.parse_args(argv)
+    args.given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    if args.data is None:
+        for k, v in demo.items():
+            if f"--{k.replace('_', '-')}" not in args.given:
+                setattr(args, k, v)
+    return args
+
+
+def lora_config(args):
+    from qwen_jax.lora import LoraConfig
+
+    if args.lora_rank <= 0:
+        return None
+    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
+                      targets=LoraConfig.parse_targets(args.lora_targets)).validate()
+
+
+def setup(args):
+    """Distributed init, mesh, tokenizer and config (no weights yet) -> (rules, tokenizer, config)."""
+    from qwen_jax import Qwen3Config, ShardingRules, load_tokenizer, make_mesh
+    from qwen_jax.errors import CheckpointError
+    from train.cli import init_distributed
+
+    init_distributed(args)
+    if not os.path.isdir(args.model):
+        raise CheckpointError(f"--model {args.model}: not a directory (an HF checkpoint directory is expected)")
+    args.mesh_obj = make_mesh(args.mesh)
+    rules = ShardingRules(args.mesh_obj)
+    tok = load_tokenizer(args.model)
+    config = Qwen3Config.from_json_file(args.model)
+    return rules, tok, config
+
+
+def read_all(paths, read_one, say) -> list:
+    """Examples from every file; reports the skipped lines of each; DataError when nothing is usable."""
+    from qwen_jax.errors import DataError
+
+    examples, total = [], 0
+    for path in paths:
+        got, bad, n = read_one(path)
+        examples += got
+        total += n
+        if bad.items:
+            say("warning: " + bad.summary(n))
+    if not examples:
+        raise DataError(f"no usable examples in {', '.join(paths)} ({total} lines read)")
+    return examples
+
+
+def load_weights(args, config, lora, rules, compute_dtype: str):
+    """-> (trainable params, frozen dict or None). Full fine-tuning trains every weight in --param-dtype;
+    LoRA trains fresh adapters (in --param-dtype) over the base held in --base-dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax import load_pretrained
+    from qwen_jax.model import init_lora_params
+
+    if lora is None:
+        _, params = load_pretrained(args.model, dtype=jnp.dtype(args.param_dtype), mesh=args.mesh_obj,
+                                    progress=not args.no_progress)
+        return params, None
+    _, base = load_pretrained(args.model, dtype=jnp.dtype(args.base_dtype or compute_dtype), mesh=args.mesh_obj,
+                              progress=not args.no_progress)
+    adapters = init_lora_params(config, lora, jax.random.key(args.seed), jnp.dtype(args.param_dtype), rules)
+    return adapters, {"base": base}
+
+
+def resolve_steps(args, num_rows: int) -> None:
+    """--steps from --epochs when not given."""
+    if args.steps is None:
+        args.steps = max(1, int(args.epochs * num_rows) // max(args.batch_size, 1))
+    if "--warmup" not in args.given:
+        args.warmup = min(args.warmup, args.steps)
+
+
+def export(args, config, tok, trainable, frozen, lora, export_dtype: str) -> str:
+    """Write the fine-tuned model (adapters merged into the base) as an HF directory; -> its path."""
+    import jax.numpy as jnp
+
+    from qwen_jax import lora as lora_lib
+    from qwen_jax import save_pretrained
+
+    params = lora_lib.merge(frozen["base"], trainable, lora) if lora is not None else trainable
+    out = os.path.join(args.out, "hf")
+    save_pretrained(out, config, params, tokenizer=tok, dtype=jnp.dtype(export_dtype), progress=False)
+    return out
+
+
+def finish(args, summary: dict, line: str) -> int:
+    import jax
+
+    from qwen_jax.checkpoint import _write_json
+    from train.cli import say
+
+    if jax.process_index() == 0:
+        _write_json(os.path.join(args.out, "summary.json"), summary)
+        print(json.dumps(summary))
+    say(line)
+    return 0
+
+
+def write_run_files(args, config, tok, meta: dict) -> None:
+    import jax
+
+    from qwen_jax.checkpoint import _write_json
+
+    os.makedirs(args.out, exist_ok=True)
+    if jax.process_index() == 0:
+        _write_json(os.path.join(args.out, "config.json"), config.to_hf_dict())
+        _write_json(os.path.join(args.out, "run.json"), meta)
+
+
+def num_trainable(trainable) -> int:
+    import jax
+
+    return sum(int(x.size) for x in jax.tree.leaves(trainable))
+
+
+def fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
