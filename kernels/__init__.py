@@ -2,23 +2,87 @@
 
 Each entry point dispatches on `impl`:
   * "xla": the pure-jnp reference beside each kernel (runs everywhere, differentiable);
-  * "auto": the fastest available implementation for the current backend.
-The Pallas Mosaic GPU kernels ("pallas") and the cuDNN path ("cudnn") are added by the kernels work;
-until then "auto" resolves to "xla".
+  * "pallas": the Pallas Mosaic GPU kernel (Hopper and newer; `interpret=True` runs it in GPU interpret
+    mode on any machine). Flash attention has a Pallas forward and backward (jax.custom_vjp);
+  * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (no segment ids or window);
+  * "auto": Pallas on Hopper+ GPUs for bf16/fp16 with head_dim 64 or 128, else cuDNN on other NVIDIA
+    GPUs when it applies, else XLA (always on the CPU).
+The paged-attention Pallas kernel is not written yet: paged_attention runs the XLA reference for every impl.
 """
 
 from __future__ import annotations
 
-from kernels.flash_attention import attention_reference
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
 from kernels.paged_attention import paged_attention_reference, write_pages
 
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "pallas", "cudnn", "xla")
 
 
-def _resolve(impl: str) -> str:
+def _hopper_or_newer() -> bool:
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return False
+    try:
+        return float(getattr(dev, "compute_capability", "0")) >= 9.0
+    except ValueError:
+        return False
+
+
+def _pallas_supported(q) -> bool:
+    return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128)
+
+
+def _resolve(impl: str, q=None, *, kv_len=None, segment_ids=None, sliding_window=None,
+             interpret: bool = False) -> str:
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if interpret or (q is not None and _hopper_or_newer() and _pallas_supported(q)):
+        return "pallas" if q is not None and _pallas_supported(q) else "xla"
+    if (q is not None and jax.devices()[0].platform == "gpu" and segment_ids is None and sliding_window is None
+            and kv_len == q.shape[1]):  # cuDNN's causal mask is top-left aligned: only T == S agrees
+        return "cudnn"
     return "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, q_seg, kv_seg, causal, window, scale, interpret):
+    return flash_attention_forward(q, k, v, q_seg, kv_seg, causal=causal, sliding_window=window, scale=scale,
+                                   interpret=interpret)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, causal, window, scale, interpret):
+    out, lse = flash_attention_forward(q, k, v, q_seg, kv_seg, causal=causal, sliding_window=window, scale=scale,
+                                       interpret=interpret)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(causal, window, scale, interpret, res, d_out):
+    q, k, v, q_seg, kv_seg, out, lse = res
+    dq, dk, dv = flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, causal=causal,
+                                          sliding_window=window, scale=scale, interpret=interpret)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pallas_attention(q, k, v, causal, segment_ids, sliding_window, scale, interpret):
+    if not _pallas_supported(q):
+        raise ValueError(f"the Pallas attention kernel takes bf16/fp16 with head_dim 64 or 128, got "
+                         f"{q.dtype} with head_dim {q.shape[-1]}")
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+    if q_seg is None:
+        q_seg, kv_seg = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
+    return _flash(q, k, v, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32), causal, sliding_window, scale,
+                  interpret)
 
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, sliding_window: int | None = None,
@@ -27,8 +91,15 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, sliding_window:
 
     segment_ids: [B, T] (when T == S) or a (q [B, T], kv [B, S]) pair; tokens attend only within
     equal ids. Softmax scale defaults to D ** -0.5."""
-    del interpret  # only meaningful for the Pallas kernels
-    _resolve(impl)
+    impl = _resolve(impl, q, kv_len=k.shape[1], segment_ids=segment_ids, sliding_window=sliding_window,
+                    interpret=interpret)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl == "pallas":
+        return _pallas_attention(q, k, v, causal, segment_ids, sliding_window, scale, interpret)
+    if impl == "cudnn":
+        if segment_ids is not None or sliding_window is not None:
+            raise ValueError("impl='cudnn' supports neither segment_ids nor sliding_window; use 'pallas' or 'xla'")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
     return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
                                sliding_window=sliding_window, scale=scale)
 
@@ -41,7 +112,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, scale: float 
     With `layer` (a scalar, possibly traced), pages are the whole pool [L, num_blocks, block_size,
     Hkv, D] and that layer is read: the model passes the pool this way so no layer slice is copied."""
     del interpret
-    _resolve(impl)
+    _resolve(impl)  # validates the name; every impl runs the reference until the paged kernel lands
     return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale, layer=layer)
 
 

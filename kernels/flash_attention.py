@@ -8,6 +8,8 @@ are float32; matmuls run in the input dtype with float32 accumulation.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -62,3 +64,451 @@ def attention_reference(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_
                           sliding_window=sliding_window)
     q = q_BTND.reshape(B, T, K, N // K, D)
     return masked_softmax_attention(q, k_BSKD, v_BSKD, mask, scale).reshape(B, T, N, D)
+
+
+# ------------------------------------------------------------------ Pallas Mosaic GPU forward
+# Program (b, h, i) computes query rows [i * 2 * BQ, (i + 1) * 2 * BQ) of head h with three warpgroups:
+# two consumers (BQ rows each: S = Q K^T by wgmma, online softmax in registers, P staged through SMEM,
+# O += P V by wgmma) and one producer that streams K/V blocks of kv head h // G by TMA into a ring of
+# `stages` slots guarded by full/free barriers. Masks (causal aligned at the end, segment ids, sliding
+# window) come from iotas and the segment ids streamed beside K. Causal programs stop at the last K block
+# their rows can see. Out-of-range rows/keys are padding (their segment ids never match).
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
+from jax import lax  # noqa: E402
+
+_LOG2E = math.log2(math.e)
+_PAD_Q_SEG, _PAD_KV_SEG = -(2**31) + 1, -(2**31)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    block_q: int = 64  # rows per consumer warpgroup (two per program)
+    block_kv: int = 64
+    stages: int = 2  # K/V ring depth
+
+
+def _smem(shape, dtype):
+    """SMEM scratch with the tiling + 128-byte swizzle that TMA and wgmma expect."""
+    dtype = jnp.dtype(dtype)
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if len(shape) < 2:
+        return plgpu.SMEM(shape, dtype)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 128 // dtype.itemsize)),
+                                                plgpu.SwizzleTransform(128)))
+
+
+def _pad_to(x, axis, multiple, value=0):
+    n = x.shape[axis]
+    pad = (-n) % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_window: int | None, scale: float,
+                            config: FlashConfig = FlashConfig(), interpret=False):
+    """Pallas forward. q [B, T, N, D]; k/v [B, S, K, D]; q_seg [B, T], kv_seg [B, S] int32.
+    -> (out [B, T, N, D], lse [B, N, T] float32: log-sum-exp of the scaled logits, natural log)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from kernels import _compat
+
+    B, T, N, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    BQ, BK, stages = config.block_q, config.block_kv, config.stages
+    offset = S - T  # query t sits at position t + offset (causal alignment at the end)
+    q = _pad_to(q, 1, 2 * BQ)
+    q_seg = _pad_to(q_seg, 1, 2 * BQ, _PAD_Q_SEG)
+    k, v = _pad_to(k, 1, BK), _pad_to(v, 1, BK)
+    kv_seg = _pad_to(kv_seg, 1, BK, _PAD_KV_SEG)
+    Tp, Sp = q.shape[1], k.shape[1]
+    n_kv = Sp // BK
+    dtype = q.dtype
+    transpose_in_smem = _compat.TRANSPOSE_IN_SMEM
+    kt = k if transpose_in_smem else jnp.swapaxes(k, 1, 3)  # [B, D, K, S] for a [D, BK] TMA tile
+    window = sliding_window
+
+    def kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, scoped):
+        b, h, i = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("i")
+        wg = lax.axis_index("wg")
+        (q_smem, k_smem, v_smem, p_smem, qs_smem, ks_smem, lse_smem), bars = scoped
+        q_bar, k_full, v_full, k_free, v_free = bars
+        prog_q0 = i * 2 * BQ
+        if causal:
+            steps = jnp.minimum(pl.cdiv(prog_q0 + 2 * BQ + offset, BK), n_kv)
+        else:
+            steps = n_kv
+
+        @pl.when(wg < 2)
+        def _consumer():
+            q0 = prog_q0 + wg * BQ
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, BQ), h], q_smem.at[wg], q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(q0, BQ)], qs_smem.at[wg], q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            q_ids = plgpu.broadcasted_iota(jnp.int32, (BQ, BK), 0, layout=plgpu.Layout.WGMMA) + q0 + offset
+            k_iota = plgpu.broadcasted_iota(jnp.int32, (BQ, BK), 1, layout=plgpu.Layout.WGMMA)
+            q_seg_b = lax.broadcast_in_dim(plgpu.layout_cast(qs_smem[wg], plgpu.Layout.WGMMA.reduce(1)),
+                                           (BQ, BK), [0])
+            my_steps = (jnp.minimum(pl.cdiv(q0 + BQ + offset, BK), n_kv) if causal else steps)
+
+            def body(step, carry):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_full.at[slot])
+
+                def qk(acc_ref):
+                    rhs = _compat.transposed(k_smem.at[slot]) if transpose_in_smem else k_smem.at[slot]
+                    plgpu.wgmma(acc_ref, q_smem.at[wg], rhs)
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((BQ, BK), jnp.float32)) * (scale * _LOG2E)
+                k_ids = k_iota + step * BK
+                kv_seg_b = lax.broadcast_in_dim(plgpu.layout_cast(ks_smem[slot], plgpu.Layout.WGMMA.reduce(0)),
+                                                (BQ, BK), [1])
+                plgpu.barrier_arrive(k_free.at[slot])
+                mask = q_seg_b == kv_seg_b
+                if causal:
+                    mask &= k_ids <= q_ids
+                if window is not None:
+                    mask &= q_ids - k_ids < window
+                s = jnp.where(mask, s, _MASKED)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                p_smem[wg] = p.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(v_full.at[slot])
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                    return acc_ref[...]
+
+                o = pl.run_scoped(pv, plgpu.ACC((BQ, D), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o
+                return acc, m_new, l_i
+
+            def skip(step, _):  # blocks only the other consumer needs: observe and release them
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_full.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_full.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+
+            acc = plgpu.layout_cast(jnp.zeros((BQ, D), jnp.float32), plgpu.Layout.WGMMA)
+            m_i = plgpu.layout_cast(jnp.full((BQ,), _MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.zeros((BQ,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc, m_i, l_i = lax.fori_loop(0, my_steps, body, (acc, m_i, l_i))
+            lax.fori_loop(my_steps, steps, skip, None)
+            seen = m_i > 0.5 * _MASKED  # rows with at least one visible key
+            inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+            q_smem[wg] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+            lse_smem[wg] = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l_i, 1.0))) / _LOG2E, -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(q0, BQ), h])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, BQ)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            kvh = lax.div(h, G)
+
+            def load(step, slot):
+                blk = pl.ds(step * BK, BK)
+                src = k_ref.at[b, blk, kvh] if transpose_in_smem else k_ref.at[b, :, kvh, blk]
+                plgpu.copy_gmem_to_smem(src, k_smem.at[slot], k_full.at[slot])
+                plgpu.copy_gmem_to_smem(ks_ref.at[b, blk], ks_smem.at[slot], k_full.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, blk, kvh], v_smem.at[slot], v_full.at[slot])
+
+            for s0 in range(min(stages, n_kv)):  # statically in bounds; dynamically only the needed ones
+                pl.when(s0 < steps)(functools.partial(load, s0, s0))
+
+            @pl.loop(stages, steps)
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                load(step, slot)
+
+            @pl.loop(jnp.maximum(steps - stages, 0), steps)  # drain: observe the last releases
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
+    def entry(*refs):
+        k_tile = (BK, D) if transpose_in_smem else (D, BK)
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            (_smem((2, BQ, D), dtype), _smem((stages, *k_tile), dtype), _smem((stages, BK, D), dtype),
+             _smem((2, BQ, BK), dtype), plgpu.SMEM((2, BQ), jnp.int32), plgpu.SMEM((stages, BK), jnp.int32),
+             plgpu.SMEM((2, BQ), jnp.float32)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+             plgpu.Barrier(num_barriers=stages),  # q and K barriers: two TMA copies each (tiles + segment ids)
+             plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((B, Tp, N, D), dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
+        grid=(B, N, Tp // (2 * BQ)), grid_names=("b", "h", "i"), num_threads=3, thread_name="wg",
+        interpret=_compat.interpret_params() if interpret else False,
+    )(q, kt, v, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+    return out[:, :T], lse[:, :, :T]
+
+
+# ------------------------------------------------------------------ Pallas Mosaic GPU backward
+# FA2-style: one kernel accumulates dK, dV for a block of keys (looping over the query blocks that can
+# see it, for every query head of its kv head: GQA without repeated K/V); a second accumulates dQ for a
+# block of queries. In both, warpgroup 0 computes and warpgroup 1 streams the per-step tiles by TMA into a
+# `stages`-deep ring (one "full" barrier per slot counting the copies, one "free" barrier released by the
+# consumer). Operands wgmma needs transposed are read from pre-transposed copies, which also keeps the
+# kernels runnable in interpret mode. P and dS are staged through SMEM as the left wgmma operand.
+
+
+def _produce(steps, max_steps: int, stages: int, load, free):
+    """Producer warpgroup loop: fill the ring, refill each slot once released, then observe the last
+    releases (interpret mode requires every barrier phase to be observed)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    for s0 in range(min(stages, max_steps)):
+        pl.when(s0 < steps)(functools.partial(load, s0, s0))
+
+    @pl.loop(stages, steps)
+    def _(step):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(free.at[slot])
+        load(step, slot)
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _(step):
+        plgpu.barrier_wait(free.at[lax.rem(step, stages)])
+
+
+def _row(x_smem, layout_dim: int, shape, dim: int):
+    """A 1D SMEM vector in registers, broadcast along the other dim of a WGMMA-layout [*shape] tile."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    vec = plgpu.layout_cast(x_smem[...], plgpu.Layout.WGMMA.reduce(layout_dim))
+    return lax.broadcast_in_dim(vec, shape, [dim])
+
+
+def _mm(lhs_smem, rhs_smem, shape):
+    """lhs @ rhs by wgmma into a fresh float32 accumulator [*shape]."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def f(acc_ref):
+        plgpu.wgmma(acc_ref, lhs_smem, rhs_smem)
+        return acc_ref[...]
+
+    return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+
+
+def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal: bool, sliding_window: int | None,
+                             scale: float, config: FlashConfig = FlashConfig(), interpret=False):
+    """Pallas backward -> (dq, dk, dv) in the input dtype. Shapes as in flash_attention_forward."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from kernels import _compat
+
+    B, T, N, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    BQ, BK, stages = config.block_q, config.block_kv, config.stages
+    offset = S - T
+    dtype = q.dtype
+    delta = jnp.einsum("BTND,BTND->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    q, d_out = _pad_to(q, 1, BQ), _pad_to(d_out, 1, BQ)
+    lse, delta = _pad_to(lse, 2, BQ), _pad_to(delta, 2, BQ)
+    q_seg = _pad_to(q_seg, 1, BQ, _PAD_Q_SEG).astype(jnp.int32)
+    k, v = _pad_to(k, 1, BK), _pad_to(v, 1, BK)
+    kv_seg = _pad_to(kv_seg, 1, BK, _PAD_KV_SEG).astype(jnp.int32)
+    Tp, Sp = q.shape[1], k.shape[1]
+    n_q, n_kv = Tp // BQ, Sp // BK
+    qT, doT = jnp.swapaxes(q, 1, 3), jnp.swapaxes(d_out, 1, 3)  # [B, D, N, T]
+    kT, vT = jnp.swapaxes(k, 1, 3), jnp.swapaxes(v, 1, 3)  # [B, D, K, S]
+    c = scale * _LOG2E
+    window = sliding_window
+    ip = _compat.interpret_params() if interpret else False
+
+    def mask_for(q_ids, k_ids, q_seg_b, kv_seg_b):
+        mask = q_seg_b == kv_seg_b
+        if causal:
+            mask &= k_ids <= q_ids
+        if window is not None:
+            mask &= q_ids - k_ids < window
+        return mask
+
+    # ---- dK, dV: program (b, kv head, key block j); steps run over (query head g, query block i).
+    def dkv_kernel(q_ref, qT_ref, do_ref, doT_ref, lse_ref, dl_ref, qs_ref, k_ref, v_ref, ks_ref,
+                   dk_ref, dv_ref, scoped):
+        b, kh, j = lax.axis_index("b"), lax.axis_index("kh"), lax.axis_index("j")
+        wg = lax.axis_index("wg")
+        (k_smem, v_smem, ks_smem, q_smem, qT_smem, do_smem, doT_smem, lse_smem, dl_smem, qs_smem, p_smem,
+         out_smem), (kv_bar, full, free) = scoped
+        i0 = jnp.maximum((j * BK - offset) // BQ, 0) if causal else 0
+        per_head = jnp.maximum(n_q - i0, 0)
+        steps = G * per_head
+
+        @pl.when(wg == 0)
+        def _consumer():
+            blk = pl.ds(j * BK, BK)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, blk, kh], k_smem, kv_bar.at[0])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, blk, kh], v_smem, kv_bar.at[0])
+            plgpu.copy_gmem_to_smem(ks_ref.at[b, blk], ks_smem, kv_bar.at[0])
+            plgpu.barrier_wait(kv_bar.at[0])
+            shape = (BK, BQ)
+            k_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + j * BK
+            q_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            kv_seg_b = _row(ks_smem, 1, shape, 0)
+
+            def body(step, carry):
+                dk, dv = carry
+                slot = lax.rem(step, stages)
+                i = i0 + lax.rem(step, jnp.maximum(per_head, 1))
+                plgpu.barrier_wait(full.at[slot])
+                sT = _mm(k_smem, qT_smem.at[slot], shape) * c
+                mask = mask_for(q_iota + i * BQ + offset, k_ids, _row(qs_smem.at[slot], 0, shape, 1), kv_seg_b)
+                pT = jnp.where(mask, jnp.exp2(sT - _row(lse_smem.at[slot], 0, shape, 1) * _LOG2E), 0.0)
+                p_smem[...] = pT.astype(dtype)
+                plgpu.commit_smem()
+                dv = dv + _mm(p_smem, do_smem.at[slot], (BK, D))
+                dpT = _mm(v_smem, doT_smem.at[slot], shape)
+                dsT = pT * (dpT - _row(dl_smem.at[slot], 0, shape, 1))
+                p_smem[...] = dsT.astype(dtype)
+                plgpu.commit_smem()
+                dk = dk + _mm(p_smem, q_smem.at[slot], (BK, D))
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+
+            zeros = plgpu.layout_cast(jnp.zeros((BK, D), jnp.float32), plgpu.Layout.WGMMA)
+            dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
+            out_smem[0] = (dk * scale).astype(dtype)
+            out_smem[1] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[0], dk_ref.at[b, blk, kh])
+            plgpu.copy_smem_to_gmem(out_smem.at[1], dv_ref.at[b, blk, kh])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _producer():
+            def load(step, slot):
+                h = kh * G + lax.div(step, jnp.maximum(per_head, 1))
+                rows = pl.ds((i0 + lax.rem(step, jnp.maximum(per_head, 1))) * BQ, BQ)
+                bar = full.at[slot]
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(qT_ref.at[b, :, h, rows], qT_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(doT_ref.at[b, :, h, rows], doT_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(dl_ref.at[b, h, rows], dl_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem.at[slot], bar)
+
+            _produce(steps, G * n_q, stages, load, free)
+
+    def dkv_entry(*refs):
+        pl.run_scoped(
+            lambda *scoped: dkv_kernel(*refs, scoped),
+            (_smem((BK, D), dtype), _smem((BK, D), dtype), plgpu.SMEM((BK,), jnp.int32),
+             _smem((stages, BQ, D), dtype), _smem((stages, D, BQ), dtype), _smem((stages, BQ, D), dtype),
+             _smem((stages, D, BQ), dtype), plgpu.SMEM((stages, BQ), jnp.float32),
+             plgpu.SMEM((stages, BQ), jnp.float32), plgpu.SMEM((stages, BQ), jnp.int32), _smem((BK, BQ), dtype),
+             _smem((2, BK, D), dtype)),
+            (plgpu.Barrier(num_arrivals=3, num_barriers=1), plgpu.Barrier(num_arrivals=7, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    dk, dv = plgpu.kernel(
+        dkv_entry, out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
+        grid=(B, K, n_kv), grid_names=("b", "kh", "j"), num_threads=2, thread_name="wg", interpret=ip,
+    )(q, qT, d_out, doT, lse, delta, q_seg, k, v, kv_seg)
+    if interpret:  # XLA:CPU may run independent interpreted kernels concurrently, which deadlocks the
+        dk, dv, q = lax.optimization_barrier((dk, dv, q))  # interpreter: order dq after dk/dv
+
+    # ---- dQ: program (b, head, query block i); steps run over the key blocks it can see.
+    def dq_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, k_ref, kT_ref, vT_ref, ks_ref, dq_ref, scoped):
+        b, h, i = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("i")
+        wg = lax.axis_index("wg")
+        (q_smem, do_smem, lse_smem, dl_smem, qs_smem, k_smem, kT_smem, vT_smem, ks_smem, ds_smem), \
+            (q_bar, full, free) = scoped
+        steps = jnp.minimum(pl.cdiv((i + 1) * BQ + offset, BK), n_kv) if causal else n_kv
+        kh = lax.div(h, G)
+
+        @pl.when(wg == 0)
+        def _consumer():
+            rows = pl.ds(i * BQ, BQ)
+            for src, dst in ((q_ref.at[b, rows, h], q_smem), (do_ref.at[b, rows, h], do_smem),
+                             (lse_ref.at[b, h, rows], lse_smem), (dl_ref.at[b, h, rows], dl_smem),
+                             (qs_ref.at[b, rows], qs_smem)):
+                plgpu.copy_gmem_to_smem(src, dst, q_bar.at[0])
+            plgpu.barrier_wait(q_bar.at[0])
+            shape = (BQ, BK)
+            q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + i * BQ + offset
+            k_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            q_seg_b = _row(qs_smem, 1, shape, 0)
+            lse_b = _row(lse_smem, 1, shape, 0) * _LOG2E
+            dl_b = _row(dl_smem, 1, shape, 0)
+
+            def body(step, dq):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(full.at[slot])
+                s = _mm(q_smem, kT_smem.at[slot], shape) * c
+                mask = mask_for(q_ids, k_iota + step * BK, q_seg_b, _row(ks_smem.at[slot], 0, shape, 1))
+                p = jnp.where(mask, jnp.exp2(s - lse_b), 0.0)
+                dp = _mm(do_smem, vT_smem.at[slot], shape)
+                ds_smem[...] = (p * (dp - dl_b)).astype(dtype)
+                plgpu.commit_smem()
+                dq = dq + _mm(ds_smem, k_smem.at[slot], (BQ, D))
+                plgpu.barrier_arrive(free.at[slot])
+                return dq
+
+            dq = lax.fori_loop(0, steps, body, plgpu.layout_cast(jnp.zeros((BQ, D), jnp.float32),
+                                                                  plgpu.Layout.WGMMA))
+            q_smem[...] = (dq * scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _producer():
+            def load(step, slot):
+                blk = pl.ds(step * BK, BK)
+                bar = full.at[slot]
+                plgpu.copy_gmem_to_smem(k_ref.at[b, blk, kh], k_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(kT_ref.at[b, :, kh, blk], kT_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(vT_ref.at[b, :, kh, blk], vT_smem.at[slot], bar)
+                plgpu.copy_gmem_to_smem(ks_ref.at[b, blk], ks_smem.at[slot], bar)
+
+            _produce(steps, n_kv, stages, load, free)
+
+    def dq_entry(*refs):
+        pl.run_scoped(
+            lambda *scoped: dq_kernel(*refs, scoped),
+            (_smem((BQ, D), dtype), _smem((BQ, D), dtype), plgpu.SMEM((BQ,), jnp.float32),
+             plgpu.SMEM((BQ,), jnp.float32), plgpu.SMEM((BQ,), jnp.int32), _smem((stages, BK, D), dtype),
+             _smem((stages, D, BK), dtype), _smem((stages, D, BK), dtype), plgpu.SMEM((stages, BK), jnp.int32),
+             _smem((BQ, BK), dtype)),
+            (plgpu.Barrier(num_arrivals=5, num_barriers=1), plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    dq = plgpu.kernel(
+        dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(B, N, n_q), grid_names=("b", "h", "i"), num_threads=2, thread_name="wg", interpret=ip,
+    )(q, d_out, lse, delta, q_seg, k, kT, vT, kv_seg)
+    return dq[:, :T], dk[:, :S], dv[:, :S]

@@ -1,0 +1,146 @@
+"""The Pallas Mosaic GPU flash-attention kernels, on the CPU: GPU interpret mode (uninitialised memory
+reads as NaN, so unwritten outputs show; race detection on) against the jnp reference, and the full
+lowering to Mosaic GPU for CUDA.
+
+Each interpreted kernel call runs on its own here: XLA:CPU deadlocks the interpreter when a forward and a
+backward kernel share one jitted computation (seen with jax 0.10.2), so gradients are taken eagerly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import _compat
+from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
+
+pytestmark = pytest.mark.timeout(300)  # a barrier bug hangs the interpreter
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_state():
+    yield
+    _compat.reset_interpret_state()
+
+
+def _inputs(rng, B, T, S, N, K, D, dtype=jnp.bfloat16, n_segments=1):
+    key = jax.random.key(int(rng.integers(1 << 31)))
+    ks = jax.random.split(key, 4)
+    q = jax.random.normal(ks[0], (B, T, N, D), dtype)
+    k = jax.random.normal(ks[1], (B, S, K, D), dtype)
+    v = jax.random.normal(ks[2], (B, S, K, D), dtype)
+    do = jax.random.normal(ks[3], (B, T, N, D), dtype)
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T), n_segments - 1, replace=False)) if n_segments > 1 else []
+        for c in cuts:
+            seg[b, c:] += 1
+    return q, k, v, do, jnp.asarray(seg)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+CASES = [  # B, T, N, K, causal, segments, window
+    (1, 128, 2, 2, True, 1, None),
+    (2, 100, 4, 2, True, 3, None),   # padding (T not a block multiple), GQA 2, packed documents
+    (1, 72, 4, 1, False, 2, None),   # GQA 4 (MQA), non-causal
+    (1, 128, 2, 1, True, 1, 40),     # sliding window
+]
+
+
+@pytest.mark.parametrize("B,T,N,K,causal,segments,window", CASES)
+def test_forward_and_gradients_match_reference(rng, B, T, N, K, causal, segments, window):
+    D = 64
+    q, k, v, do, seg = _inputs(rng, B, T, T, N, K, D, n_segments=segments)
+    kw = dict(causal=causal, sliding_window=window, scale=D ** -0.5, interpret=True)
+    out, lse = flash_attention_forward(q, k, v, seg, seg, **kw)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref_fn = lambda q, k, v: attention_reference(q, k, v, causal=causal, segment_ids=seg,  # noqa: E731
+                                                 sliding_window=window)
+    ref, vjp = jax.vjp(ref_fn, f32(q), f32(k), f32(v))
+    assert not np.isnan(np.asarray(out, np.float32)).any() and _rel(out, ref) <= 2e-2
+    assert _rel(jnp.exp(lse), jnp.exp(_reference_lse(q, k, seg, causal, window, D ** -0.5))) <= 1e-2
+    grads = flash_attention_backward(q, k, v, seg, seg, out, lse, do, **kw)
+    for ours, theirs, name in zip(grads, vjp(f32(do)), "qkv"):
+        assert not np.isnan(np.asarray(ours, np.float32)).any(), name
+        assert _rel(ours, theirs) <= 2e-2, name
+    assert not _compat.races_found()
+
+
+def _reference_lse(q, k, seg, causal, window, scale):
+    from kernels.flash_attention import attention_mask
+
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    s = jnp.einsum("BTKGD,BSKD->BKGTS", q.reshape(B, T, K, N // K, D).astype(jnp.float32),
+                   k.astype(jnp.float32)) * scale
+    mask = attention_mask(T, k.shape[1], causal=causal, q_segment_ids=seg, kv_segment_ids=seg,
+                          sliding_window=window)[:, None, None]
+    lse = jax.nn.logsumexp(jnp.where(mask, s, -jnp.inf), axis=-1)  # [B, K, G, T]
+    return lse.reshape(B, N, T)
+
+
+def test_dispatch_pallas_is_differentiable(rng):
+    q, k, v, do, seg = _inputs(rng, 1, 64, 64, 2, 1, 64, n_segments=2)
+    f = lambda impl: lambda q, k, v: jnp.sum(  # noqa: E731
+        kernels.attention(q, k, v, segment_ids=seg, impl=impl, interpret=True).astype(jnp.float32)
+        * do.astype(jnp.float32))
+    ours = jax.grad(f("pallas"), argnums=(0, 1, 2))(q, k, v)  # eager: one interpreted kernel at a time
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    theirs = jax.grad(f("xla"), argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
+    for a, b in zip(ours, theirs):
+        assert _rel(a, b) <= 2e-2
+
+
+@pytest.mark.parametrize("D,dtype,causal", [(64, jnp.bfloat16, True), (128, jnp.float16, False),
+                                            (128, jnp.bfloat16, True)])
+def test_kernels_lower_for_cuda(D, dtype, causal):
+    B, T, N, K = 2, 512, 8, 2
+    sd = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    kw = dict(causal=causal, sliding_window=None, scale=D ** -0.5)
+
+    def fwd(q, k, v, s):
+        return flash_attention_forward(q, k, v, s, s, **kw)
+
+    def bwd(q, k, v, s, o, lse, do):
+        return flash_attention_backward(q, k, v, s, s, o, lse, do, **kw)
+
+    seg = sd(B, T, dt=jnp.int32)
+    for f, args in ((fwd, (sd(B, T, N, D), sd(B, T, K, D), sd(B, T, K, D), seg)),
+                    (bwd, (sd(B, T, N, D), sd(B, T, K, D), sd(B, T, K, D), seg, sd(B, T, N, D),
+                           sd(B, N, T, dt=jnp.float32), sd(B, T, N, D)))):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text.lower()
+
+
+def test_dispatch_names():
+    q = jnp.zeros((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.attention(q, q, q, impl="triton")
+    with pytest.raises(ValueError, match="bf16/fp16 with head_dim 64 or 128"):
+        kernels.attention(q, q, q, impl="pallas", interpret=True)
+    assert kernels._resolve("auto", q, kv_len=8) == "xla"  # CPU
+
+
+def test_model_parity_with_pallas_attention(tmp_path):
+    """The whole model with attn_impl="pallas" (interpret mode) against transformers, in bf16."""
+    import torch
+
+    import qwen_jax
+    from reference.hf_models import build
+
+    model, path = build(tmp_path, seed=3, dtype=torch.bfloat16, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=64)
+    cfg, params = qwen_jax.load_pretrained(path, progress=False)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 40)).astype(np.int32)
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids)).logits.float().numpy()
+    with _compat.interpret_mode():
+        ours = np.asarray(qwen_jax.forward(cfg, params, jnp.asarray(ids), attn_impl="pallas").logits)
+    xla = np.asarray(qwen_jax.forward(cfg, params, jnp.asarray(ids), attn_impl="xla").logits)
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() / scale <= 4e-2  # the bf16 tolerance of tests/test_parity.py
+    assert np.abs(ours - xla).max() / scale <= 4e-2
