@@ -43,8 +43,8 @@ def _resolve(impl: str, q=None, *, kv_len=None, segment_ids=None, sliding_window
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if interpret or (q is not None and _hopper_or_newer() and _pallas_supported(q)):
-        return "pallas" if q is not None and _pallas_supported(q) else "xla"
+    if q is not None and _pallas_supported(q) and (interpret or _hopper_or_newer()):
+        return "pallas"
     if (q is not None and jax.devices()[0].platform == "gpu" and segment_ids is None and sliding_window is None
             and kv_len == q.shape[1]):  # cuDNN's causal mask is top-left aligned: only T == S agrees
         return "cudnn"

@@ -101,6 +101,16 @@ def _smem(shape, dtype):
                                                 plgpu.SwizzleTransform(128)))
 
 
+def _visible(q_ids, k_ids, q_seg, kv_seg, causal: bool, window: int | None):
+    """Which (query, key) pairs may attend, from position ids and segment ids broadcast to one tile."""
+    mask = q_seg == kv_seg
+    if causal:
+        mask &= k_ids <= q_ids
+    if window is not None:
+        mask &= q_ids - k_ids < window
+    return mask
+
+
 def _pad_to(x, axis, multiple, value=0):
     n = x.shape[axis]
     pad = (-n) % multiple
@@ -155,8 +165,7 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
             plgpu.barrier_wait(q_bar.at[wg])
             q_ids = plgpu.broadcasted_iota(jnp.int32, (BQ, BK), 0, layout=plgpu.Layout.WGMMA) + q0 + offset
             k_iota = plgpu.broadcasted_iota(jnp.int32, (BQ, BK), 1, layout=plgpu.Layout.WGMMA)
-            q_seg_b = lax.broadcast_in_dim(plgpu.layout_cast(qs_smem[wg], plgpu.Layout.WGMMA.reduce(1)),
-                                           (BQ, BK), [0])
+            q_seg_b = _row(qs_smem.at[wg], 1, (BQ, BK), 0)
             my_steps = (jnp.minimum(pl.cdiv(q0 + BQ + offset, BK), n_kv) if causal else steps)
 
             def body(step, carry):
@@ -170,15 +179,9 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((BQ, BK), jnp.float32)) * (scale * _LOG2E)
-                k_ids = k_iota + step * BK
-                kv_seg_b = lax.broadcast_in_dim(plgpu.layout_cast(ks_smem[slot], plgpu.Layout.WGMMA.reduce(0)),
-                                                (BQ, BK), [1])
+                mask = _visible(q_ids, k_iota + step * BK, q_seg_b, _row(ks_smem.at[slot], 0, (BQ, BK), 1),
+                                causal, window)
                 plgpu.barrier_arrive(k_free.at[slot])
-                mask = q_seg_b == kv_seg_b
-                if causal:
-                    mask &= k_ids <= q_ids
-                if window is not None:
-                    mask &= q_ids - k_ids < window
                 s = jnp.where(mask, s, _MASKED)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
@@ -345,12 +348,7 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
     ip = _compat.interpret_params() if interpret else False
 
     def mask_for(q_ids, k_ids, q_seg_b, kv_seg_b):
-        mask = q_seg_b == kv_seg_b
-        if causal:
-            mask &= k_ids <= q_ids
-        if window is not None:
-            mask &= q_ids - k_ids < window
-        return mask
+        return _visible(q_ids, k_ids, q_seg_b, kv_seg_b, causal, window)
 
     # ---- dK, dV: program (b, kv head, key block j); steps run over (query head g, query block i).
     def dkv_kernel(q_ref, qT_ref, do_ref, doT_ref, lse_ref, dl_ref, qs_ref, k_ref, v_ref, ks_ref,

@@ -109,6 +109,3 @@ def merge(base, lora, lora_config: LoraConfig):
             out[k] = v
     return out
 
-
-def num_params(lora_tree) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(lora_tree))

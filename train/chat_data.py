@@ -23,6 +23,7 @@ import numpy as np
 
 from qwen_jax.errors import DataError
 from qwen_jax.jsonl import iter_jsonl
+from train.data import holdout_indices
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -239,6 +240,5 @@ def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
     """A seeded hold-out of round(fraction * n) examples (at least 1 when fraction > 0 and n >= 2)."""
     if fraction <= 0 or len(examples) < 2:
         return examples, []
-    n_eval = min(len(examples) - 1, max(1, int(round(fraction * len(examples)))))
-    held = set(np.random.default_rng(seed).choice(len(examples), n_eval, replace=False).tolist())
+    held = holdout_indices(len(examples), fraction, seed)
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])

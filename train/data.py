@@ -97,9 +97,7 @@ def split_holdout(docs: list[np.ndarray], fraction: float, seed: int) -> tuple[l
     if fraction <= 0:
         return docs, []
     if len(docs) >= 50:
-        rng = np.random.default_rng(seed)
-        n_eval = max(1, int(round(fraction * len(docs))))
-        held = set(rng.choice(len(docs), n_eval, replace=False).tolist())
+        held = holdout_indices(len(docs), fraction, seed)
         return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
     train, evals = [], []
     for d in docs:
@@ -108,6 +106,12 @@ def split_holdout(docs: list[np.ndarray], fraction: float, seed: int) -> tuple[l
         if cut < len(d):
             evals.append(d[cut:])
     return train, evals
+
+
+def holdout_indices(n: int, fraction: float, seed: int) -> set[int]:
+    """A seeded choice of round(fraction * n) items to hold out: at least 1, and at least 1 left to train."""
+    n_eval = min(n - 1, max(1, int(round(fraction * n))))
+    return set(np.random.default_rng(seed).choice(n, n_eval, replace=False).tolist())
 
 
 def pack(docs: list[np.ndarray], row_len: int) -> tuple[np.ndarray, np.ndarray]:

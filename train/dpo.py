@@ -79,7 +79,7 @@ def _main(args) -> int:
 
     from train import chat_data as C
     from train import finetune as F
-    from train.cli import resolve_dtype, say, train_config
+    from train.cli import say, train_config
     from train.data import RowDataset
     from train.preference import DPOConfig, DPOTask, precompute_reference
     from train.trainer import fit
@@ -128,9 +128,7 @@ def _main(args) -> int:
                "trainable_params": F.num_trainable(result["state"]["params"]),
                "resumed_from": result["resumed_from"]}
     if not args.no_export:
-        export_dtype = args.export_dtype or (args.param_dtype if lora is None else
-                                             args.base_dtype or resolve_dtype(args.dtype))
-        summary["export"] = F.export(args, config, tok, result["state"]["params"], frozen, lora, export_dtype)
+        summary["export"] = F.export(args, config, tok, result["state"]["params"], frozen, lora)
     ev = result["eval"] or {}
     return F.finish(args, summary, f"done: step {result['step']}, train loss {F.fmt(result['train_loss'])}; held-out "
                                    f"loss {F.fmt(ev.get('eval_loss'))}, reward accuracy "

@@ -115,12 +115,17 @@ def resolve_steps(args, num_rows: int) -> None:
         args.warmup = min(args.warmup, args.steps)
 
 
-def export(args, config, tok, trainable, frozen, lora, export_dtype: str) -> str:
-    """Write the fine-tuned model (adapters merged into the base) as an HF directory; -> its path."""
+def export(args, config, tok, trainable, frozen, lora) -> str:
+    """Write the fine-tuned model (adapters merged into the base) as an HF directory; -> its path. The
+    weights keep the dtype they trained in (--param-dtype, or with LoRA the base's) unless --export-dtype."""
     import jax.numpy as jnp
 
     from qwen_jax import lora as lora_lib
     from qwen_jax import save_pretrained
+    from train.cli import resolve_dtype
+
+    export_dtype = args.export_dtype or (args.param_dtype if lora is None else
+                                         args.base_dtype or resolve_dtype(args.dtype))
 
     params = lora_lib.merge(frozen["base"], trainable, lora) if lora is not None else trainable
     out = os.path.join(args.out, "hf")

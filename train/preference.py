@@ -115,8 +115,8 @@ class DPOTask:
 
     def _sums(self, trainable, frozen, mb):
         params = model_params(trainable, frozen, self.lora)
-        lp, router_logits = sequence_logprobs(self.config, self.tc, params, _flat_pairs(mb), self.rules, self.lora,
-                                              self.average)
+        rows = _flat_pairs(mb)
+        lp, router_logits = sequence_logprobs(self.config, self.tc, params, rows, self.rules, self.lora, self.average)
         pi = lp.reshape(-1, 2)
         ref = mb["ref_logps"] if "ref_logps" in mb else self.reference_logps(frozen, mb)
         losses, r_w, r_l = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], self.dpo)
@@ -126,7 +126,7 @@ class DPOTask:
                 "logps/chosen": jnp.sum(w * pi[:, 0]), "logps/rejected": jnp.sum(w * pi[:, 1]), "n": jnp.sum(w),
                 "aux": jnp.float32(0.0)}
         if router_logits is not None:
-            seg = _flat_pairs(mb)["segment_ids"][:, :-1]
+            seg = rows["segment_ids"][:, :-1]
             sums["aux"] = moe.load_balancing_loss(router_logits, self.config.num_experts_per_tok,
                                                   (seg != 0).reshape(-1))
         return sums

@@ -49,7 +49,7 @@ def _main(args) -> int:
 
     from train import chat_data as C
     from train import finetune as F
-    from train.cli import resolve_dtype, say, train_config
+    from train.cli import say, train_config
     from train.data import PackedDataset
     from train.trainer import LMTask, fit
 
@@ -83,9 +83,7 @@ def _main(args) -> int:
                "trainable_params": F.num_trainable(result["state"]["params"]),
                "resumed_from": result["resumed_from"]}
     if not args.no_export:
-        export_dtype = args.export_dtype or (args.param_dtype if lora is None else
-                                             args.base_dtype or resolve_dtype(args.dtype))
-        summary["export"] = F.export(args, config, tok, result["state"]["params"], frozen, lora, export_dtype)
+        summary["export"] = F.export(args, config, tok, result["state"]["params"], frozen, lora)
     ev = result["eval_loss"]
     held = "n/a" if ev is None else f"{ev:.3f} (perplexity {math.exp(min(ev, 700)):.1f})"
     return F.finish(args, summary, f"done: step {result['step']}, train loss {F.fmt(result['train_loss'])}, "
