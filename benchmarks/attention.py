@@ -1,12 +1,19 @@
-"""Flash attention forward / backward TFLOP/s: the Pallas kernel beside cuDNN and XLA, in one run.
+"""Attention kernels on a GPU: the Pallas kernels beside cuDNN and XLA, in one run.
 
-    python benchmarks/attention.py                       # batch 8, 16 heads, head_dim 128, seq 1k..16k
-    python benchmarks/attention.py --seqs 1024 4096 --impls pallas cudnn
+    python benchmarks/attention.py                       # both parts, default shapes
+    python benchmarks/attention.py --parts flash --seqs 1024 4096 --impls pallas cudnn
+    python benchmarks/attention.py --parts paged --batches 1 64 --contexts 2048 32768
 
-Needs an NVIDIA GPU (Pallas on Hopper or newer). Each kernel is first checked against the XLA reference
-on a small case, then timed. FLOPs: 4 * B * H * T * S * D forward (halved when causal), 2.5x that for the
-backward (dQ, dK, dV: five matmuls against two). Results are appended to docs/benchmarks.md.
-(Paged decode GB/s is not benchmarked yet: the paged Pallas kernel is not written.)
+flash: forward / backward TFLOP/s at batch 8, 16 heads, head_dim 128, seq 1k..16k, causal and not.
+FLOPs: 4 * B * H * T * S * D forward (halved when causal), 2.5x that for the backward (dQ, dK, dV: five
+matmuls against two).
+paged: decode (one query token) over a paged KV pool with shuffled block tables, Qwen3-8B heads (32 query,
+8 kv, head_dim 128, block_size 16), batch 1..256, context 512..32k; achieved GB/s = bytes of K and V read
+/ time, beside the device's copy bandwidth measured in the same run (bytes read + written by a large
+on-device copy / time). xla is the gather-then-attend path; cudnn gathers then runs cuDNN.
+
+Needs an NVIDIA GPU (Pallas on Hopper or newer). Each kernel is first checked against the XLA reference,
+then timed. Results are appended to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,11 +39,23 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--impls", nargs="+", default=["pallas", "cudnn", "xla"])
+    p.add_argument("--parts", nargs="+", choices=["flash", "paged"], default=["flash", "paged"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256], help="paged decode batches")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768], help="paged contexts")
+    p.add_argument("--max-kv-gb", type=float, default=16.0, help="skip paged cases whose K+V exceed this")
     args = p.parse_args(argv)
     if jax.devices()[0].platform != "gpu":
         print("benchmarks/attention.py needs an NVIDIA GPU (the kernels are tested on the CPU by the test suite)",
               file=sys.stderr)
         return 2
+    if "flash" in args.parts:
+        flash(args)
+    if "paged" in args.parts:
+        paged(args)
+    return 0
+
+
+def flash(args) -> None:
     B, H, D = args.batch, args.heads, args.head_dim
     K = args.kv_heads or H
     rows = []
@@ -69,7 +88,54 @@ def main(argv=None) -> int:
                 print(rows[-1], flush=True)
     table = markdown_table(["impl", "mask", "seq", "fwd TFLOP/s", "bwd TFLOP/s", "fwd ms", "bwd ms"], rows)
     record("Flash attention", table, f"batch {B}, heads {H}/{K}, head_dim {D}, bf16; bwd time = grad - fwd")
-    return 0
+
+
+def copy_bandwidth(gb: float = 4.0) -> float:
+    """Device copy bandwidth in bytes/s: (read + write) bytes of a large on-device copy / time."""
+    x = jnp.zeros((int(gb * 2**30) // 4,), jnp.float32)
+    f = jax.jit(lambda x: x + 1.0)
+    return 2 * x.nbytes / time_fn(f, x, iters=10)
+
+
+def paged(args) -> None:
+    N, K, D, BS = 32, 8, 128, 16
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e9:,.0f} GB/s", flush=True)
+    rows = []
+    for ctx in args.contexts:
+        for B in args.batches:
+            kv_bytes = 2 * B * ctx * K * D * 2
+            if kv_bytes > args.max_kv_gb * 2**30:
+                continue
+            per_seq = -(-ctx // BS)
+            NB = B * per_seq + 1
+            ks = jax.random.split(jax.random.key(B * 100003 + ctx), 4)
+            q = jax.random.normal(ks[0], (B, 1, N, D), jnp.bfloat16)
+            k_pages = jax.random.normal(ks[1], (NB, BS, K, D), jnp.bfloat16)
+            v_pages = jax.random.normal(ks[2], (NB, BS, K, D), jnp.bfloat16)
+            tables = jax.random.permutation(ks[3], NB)[: B * per_seq].reshape(B, per_seq).astype(jnp.int32)
+            lengths = jnp.full((B,), ctx, jnp.int32)
+            ref = None
+            for impl in args.impls:
+                f = jax.jit(lambda q, kp, vp, bt, ln, impl=impl: kernels.paged_attention(q, kp, vp, bt, ln, impl=impl))
+                try:
+                    out = f(q, k_pages, v_pages, tables, lengths).astype(jnp.float32)
+                    if ref is None:
+                        ref = kernels.paged_attention(q, k_pages, v_pages, tables, lengths,
+                                                      impl="xla").astype(jnp.float32)
+                    err = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
+                    if err > 2e-2:
+                        raise AssertionError(f"output differs from the reference by {err:.3g}")
+                    t = time_fn(f, q, k_pages, v_pages, tables, lengths, iters=10)
+                    rows.append([impl, B, ctx, kv_bytes / t / 1e9, 100 * kv_bytes / t / bw, t * 1e6])
+                except Exception as e:  # an impl that cannot run this case is reported, not fatal
+                    rows.append([impl, B, ctx, "n/a", "n/a", f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+                                 if str(e) else type(e).__name__])
+                print(rows[-1], flush=True)
+            del k_pages, v_pages
+    table = markdown_table(["impl", "batch", "context", "GB/s", "% of copy bw", "us"], rows)
+    record("Paged decode attention", table, f"heads {N}/{K}, head_dim {D}, block_size {BS}, bf16, shuffled "
+           f"block tables; copy bandwidth {bw / 1e9:,.0f} GB/s (read + write)")
 
 
 if __name__ == "__main__":

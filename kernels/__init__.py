@@ -4,10 +4,12 @@ Each entry point dispatches on `impl`:
   * "xla": the pure-jnp reference beside each kernel (runs everywhere, differentiable);
   * "pallas": the Pallas Mosaic GPU kernel (Hopper and newer; `interpret=True` runs it in GPU interpret
     mode on any machine). Flash attention has a Pallas forward and backward (jax.custom_vjp);
-  * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (no segment ids or window);
+  * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (attention: no segment ids or window;
+    paged attention: one query token, after gathering the pages);
   * "auto": Pallas on Hopper+ GPUs for bf16/fp16 with head_dim 64 or 128, else cuDNN on other NVIDIA
-    GPUs when it applies, else XLA (always on the CPU).
-The paged-attention Pallas kernel is not written yet: paged_attention runs the XLA reference for every impl.
+    GPUs when it applies (attention only), else XLA (always on the CPU). Paged attention takes the Pallas
+    kernel only for short queries (Tq * Hq / Hkv <= PAGED_AUTO_MAX_ROWS rows per kv head): each block of
+    64 rows reads the whole context once, so long prefill chunks go to XLA.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
-from kernels.paged_attention import paged_attention_reference, write_pages
+from kernels.paged_attention import (PagedConfig, paged_attention_forward, paged_attention_reference,
+                                     pallas_supported, write_pages)
 
 IMPLS = ("auto", "pallas", "cudnn", "xla")
+PAGED_AUTO_MAX_ROWS = 256
 
 
 def _hopper_or_newer() -> bool:
@@ -104,15 +108,44 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, sliding_window:
                                sliding_window=sliding_window, scale=scale)
 
 
+def _resolve_paged(impl: str, q, k_pages, interpret: bool) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    rows = q.shape[1] * q.shape[2] // k_pages.shape[-2]
+    if pallas_supported(q, k_pages) is None and rows <= PAGED_AUTO_MAX_ROWS and (interpret or _hopper_or_newer()):
+        return "pallas"
+    return "xla"
+
+
+def _cudnn_paged(q, k_pages, v_pages, block_tables, lengths, scale, layer):
+    B, T, _, D = q.shape
+    if T != 1:
+        raise ValueError(f"impl='cudnn' paged attention takes one query token per sequence, got {T}; "
+                         "use 'pallas' or 'xla'")
+    idx = block_tables if layer is None else (layer, block_tables)
+    k = k_pages[idx].reshape(B, -1, *k_pages.shape[-2:])  # gathered [B, S, Hkv, D]
+    v = v_pages[idx].reshape(B, -1, *v_pages.shape[-2:])
+    lens = jnp.minimum(lengths, k.shape[1]).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens, implementation="cudnn")
+
+
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, scale: float | None = None,
-                    layer=None, impl: str = "auto", interpret: bool = False):
+                    layer=None, impl: str = "auto", interpret: bool = False, num_splits: int | None = None):
     """q [B, Tq, Hq, D]; pages [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     lengths [B] int32 -> [B, Tq, Hq, D]. The queries are the last Tq positions of each sequence.
 
     With `layer` (a scalar, possibly traced), pages are the whole pool [L, num_blocks, block_size,
-    Hkv, D] and that layer is read: the model passes the pool this way so no layer slice is copied."""
-    del interpret
-    _resolve(impl)  # validates the name; every impl runs the reference until the paged kernel lands
+    Hkv, D] and that layer is read: the model passes the pool this way so no layer slice is copied.
+    num_splits: split-K programs per sequence for the Pallas kernel (None: enough to fill the GPU)."""
+    impl = _resolve_paged(impl, q, k_pages, interpret)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl == "pallas":
+        return paged_attention_forward(q, k_pages, v_pages, block_tables, lengths, scale=scale, layer=layer,
+                                       config=PagedConfig(num_splits=num_splits), interpret=interpret)
+    if impl == "cudnn":
+        return _cudnn_paged(q, k_pages, v_pages, block_tables, lengths, scale, layer)
     return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale, layer=layer)
 
 

@@ -6,8 +6,9 @@ meet, in one place.
 * 0.10 has no CPU lowering for `layout_cast` (used by `plgpu.broadcasted_iota(..., layout=)` and by
   layout annotations), which interpret mode needs: an identity lowering is registered for it (a layout is
   meaningless on the CPU).
-* Transposed SMEM operands for wgmma: `ref.T` on 0.11; 0.10's interpreter cannot transpose a ref, so there
-  the kernels read a pre-transposed copy from memory (see `TRANSPOSE_IN_SMEM`).
+* Transposed SMEM operands for wgmma: `ref.T` on 0.11 (`transpose_ref` on 0.10); 0.10's interpreter cannot
+  transpose a ref, so interpreted kernels there read a pre-transposed copy from memory instead
+  (`smem_transpose`). Lowering for CUDA works on both.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
-# Whether kernels may transpose an SMEM ref for wgmma (ref.T); otherwise they get a pre-transposed copy.
-TRANSPOSE_IN_SMEM = False  # ref.T (jax >= 0.11) is not yet verified on hardware; both versions read kT
 
 try:  # jax >= 0.11
     InterpretGPUParams = plgpu.InterpretGPUParams
@@ -52,6 +51,21 @@ def interpret_params(detect_races: bool = True):
     """GPU interpret-mode parameters: uninitialised memory reads as NaN, races detected."""
     _register_cpu_layout_cast()
     return InterpretGPUParams(detect_races=detect_races, uninitialized_memory="nan")
+
+
+def interpreting(interpret) -> bool:
+    """Whether a kernel called with `interpret` runs in GPU interpret mode (asked for, or forced by
+    `interpret_mode()` around the call)."""
+    from jax._src import config
+
+    forced = config.pallas_tpu_interpret_mode_context_manager.value
+    return bool(interpret) or isinstance(forced, InterpretGPUParams)
+
+
+def smem_transpose(interpret) -> bool:
+    """Whether a kernel may feed wgmma an SMEM ref viewed transposed: always on hardware and in lowering,
+    in interpret mode only on jax >= 0.11."""
+    return JAX_VERSION >= (0, 11) or not interpreting(interpret)
 
 
 def transposed(ref):

@@ -8,10 +8,13 @@ are float32; matmuls run in the input dtype with float32 accumulation.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from kernels._mgpu import LOG2E, mm, pad_to, produce, row, smem
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -74,12 +77,7 @@ def attention_reference(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_
 # window) come from iotas and the segment ids streamed beside K. Causal programs stop at the last K block
 # their rows can see. Out-of-range rows/keys are padding (their segment ids never match).
 
-import dataclasses  # noqa: E402
-import math  # noqa: E402
 
-from jax import lax  # noqa: E402
-
-_LOG2E = math.log2(math.e)
 _PAD_Q_SEG, _PAD_KV_SEG = -(2**31) + 1, -(2**31)
 
 
@@ -90,17 +88,6 @@ class FlashConfig:
     stages: int = 2  # K/V ring depth
 
 
-def _smem(shape, dtype):
-    """SMEM scratch with the tiling + 128-byte swizzle that TMA and wgmma expect."""
-    dtype = jnp.dtype(dtype)
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    if len(shape) < 2:
-        return plgpu.SMEM(shape, dtype)
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 128 // dtype.itemsize)),
-                                                plgpu.SwizzleTransform(128)))
-
-
 def _visible(q_ids, k_ids, q_seg, kv_seg, causal: bool, window: int | None):
     """Which (query, key) pairs may attend, from position ids and segment ids broadcast to one tile."""
     mask = q_seg == kv_seg
@@ -109,16 +96,6 @@ def _visible(q_ids, k_ids, q_seg, kv_seg, causal: bool, window: int | None):
     if window is not None:
         mask &= q_ids - k_ids < window
     return mask
-
-
-def _pad_to(x, axis, multiple, value=0):
-    n = x.shape[axis]
-    pad = (-n) % multiple
-    if not pad:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_window: int | None, scale: float,
@@ -135,14 +112,14 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
     G = N // K
     BQ, BK, stages = config.block_q, config.block_kv, config.stages
     offset = S - T  # query t sits at position t + offset (causal alignment at the end)
-    q = _pad_to(q, 1, 2 * BQ)
-    q_seg = _pad_to(q_seg, 1, 2 * BQ, _PAD_Q_SEG)
-    k, v = _pad_to(k, 1, BK), _pad_to(v, 1, BK)
-    kv_seg = _pad_to(kv_seg, 1, BK, _PAD_KV_SEG)
+    q = pad_to(q, 1, 2 * BQ)
+    q_seg = pad_to(q_seg, 1, 2 * BQ, _PAD_Q_SEG)
+    k, v = pad_to(k, 1, BK), pad_to(v, 1, BK)
+    kv_seg = pad_to(kv_seg, 1, BK, _PAD_KV_SEG)
     Tp, Sp = q.shape[1], k.shape[1]
     n_kv = Sp // BK
     dtype = q.dtype
-    transpose_in_smem = _compat.TRANSPOSE_IN_SMEM
+    transpose_in_smem = _compat.smem_transpose(interpret)
     kt = k if transpose_in_smem else jnp.swapaxes(k, 1, 3)  # [B, D, K, S] for a [D, BK] TMA tile
     window = sliding_window
 
@@ -165,7 +142,7 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
             plgpu.barrier_wait(q_bar.at[wg])
             q_ids = plgpu.broadcasted_iota(jnp.int32, (BQ, BK), 0, layout=plgpu.Layout.WGMMA) + q0 + offset
             k_iota = plgpu.broadcasted_iota(jnp.int32, (BQ, BK), 1, layout=plgpu.Layout.WGMMA)
-            q_seg_b = _row(qs_smem.at[wg], 1, (BQ, BK), 0)
+            q_seg_b = row(qs_smem.at[wg], 1, (BQ, BK), 0)
             my_steps = (jnp.minimum(pl.cdiv(q0 + BQ + offset, BK), n_kv) if causal else steps)
 
             def body(step, carry):
@@ -178,8 +155,8 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
                     plgpu.wgmma(acc_ref, q_smem.at[wg], rhs)
                     return acc_ref[...]
 
-                s = pl.run_scoped(qk, plgpu.ACC((BQ, BK), jnp.float32)) * (scale * _LOG2E)
-                mask = _visible(q_ids, k_iota + step * BK, q_seg_b, _row(ks_smem.at[slot], 0, (BQ, BK), 1),
+                s = pl.run_scoped(qk, plgpu.ACC((BQ, BK), jnp.float32)) * (scale * LOG2E)
+                mask = _visible(q_ids, k_iota + step * BK, q_seg_b, row(ks_smem.at[slot], 0, (BQ, BK), 1),
                                 causal, window)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = jnp.where(mask, s, _MASKED)
@@ -215,7 +192,7 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
             seen = m_i > 0.5 * _MASKED  # rows with at least one visible key
             inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
             q_smem[wg] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-            lse_smem[wg] = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l_i, 1.0))) / _LOG2E, -jnp.inf)
+            lse_smem[wg] = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l_i, 1.0))) / LOG2E, -jnp.inf)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(q0, BQ), h])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, BQ)])
@@ -232,28 +209,14 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
                 plgpu.copy_gmem_to_smem(ks_ref.at[b, blk], ks_smem.at[slot], k_full.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, blk, kvh], v_smem.at[slot], v_full.at[slot])
 
-            for s0 in range(min(stages, n_kv)):  # statically in bounds; dynamically only the needed ones
-                pl.when(s0 < steps)(functools.partial(load, s0, s0))
-
-            @pl.loop(stages, steps)
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                load(step, slot)
-
-            @pl.loop(jnp.maximum(steps - stages, 0), steps)  # drain: observe the last releases
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
+            produce(steps, n_kv, stages, load, k_free, v_free)
 
     def entry(*refs):
         k_tile = (BK, D) if transpose_in_smem else (D, BK)
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
-            (_smem((2, BQ, D), dtype), _smem((stages, *k_tile), dtype), _smem((stages, BK, D), dtype),
-             _smem((2, BQ, BK), dtype), plgpu.SMEM((2, BQ), jnp.int32), plgpu.SMEM((stages, BK), jnp.int32),
+            (smem((2, BQ, D), dtype), smem((stages, *k_tile), dtype), smem((stages, BK, D), dtype),
+             smem((2, BQ, BK), dtype), plgpu.SMEM((2, BQ), jnp.int32), plgpu.SMEM((stages, BK), jnp.int32),
              plgpu.SMEM((2, BQ), jnp.float32)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
              plgpu.Barrier(num_barriers=stages),  # q and K barriers: two TMA copies each (tiles + segment ids)
@@ -279,46 +242,6 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
 # kernels runnable in interpret mode. P and dS are staged through SMEM as the left wgmma operand.
 
 
-def _produce(steps, max_steps: int, stages: int, load, free):
-    """Producer warpgroup loop: fill the ring, refill each slot once released, then observe the last
-    releases (interpret mode requires every barrier phase to be observed)."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    for s0 in range(min(stages, max_steps)):
-        pl.when(s0 < steps)(functools.partial(load, s0, s0))
-
-    @pl.loop(stages, steps)
-    def _(step):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(free.at[slot])
-        load(step, slot)
-
-    @pl.loop(jnp.maximum(steps - stages, 0), steps)
-    def _(step):
-        plgpu.barrier_wait(free.at[lax.rem(step, stages)])
-
-
-def _row(x_smem, layout_dim: int, shape, dim: int):
-    """A 1D SMEM vector in registers, broadcast along the other dim of a WGMMA-layout [*shape] tile."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    vec = plgpu.layout_cast(x_smem[...], plgpu.Layout.WGMMA.reduce(layout_dim))
-    return lax.broadcast_in_dim(vec, shape, [dim])
-
-
-def _mm(lhs_smem, rhs_smem, shape):
-    """lhs @ rhs by wgmma into a fresh float32 accumulator [*shape]."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    def f(acc_ref):
-        plgpu.wgmma(acc_ref, lhs_smem, rhs_smem)
-        return acc_ref[...]
-
-    return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
-
-
 def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal: bool, sliding_window: int | None,
                              scale: float, config: FlashConfig = FlashConfig(), interpret=False):
     """Pallas backward -> (dq, dk, dv) in the input dtype. Shapes as in flash_attention_forward."""
@@ -334,16 +257,22 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
     offset = S - T
     dtype = q.dtype
     delta = jnp.einsum("BTND,BTND->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    q, d_out = _pad_to(q, 1, BQ), _pad_to(d_out, 1, BQ)
-    lse, delta = _pad_to(lse, 2, BQ), _pad_to(delta, 2, BQ)
-    q_seg = _pad_to(q_seg, 1, BQ, _PAD_Q_SEG).astype(jnp.int32)
-    k, v = _pad_to(k, 1, BK), _pad_to(v, 1, BK)
-    kv_seg = _pad_to(kv_seg, 1, BK, _PAD_KV_SEG).astype(jnp.int32)
+    q, d_out = pad_to(q, 1, BQ), pad_to(d_out, 1, BQ)
+    lse, delta = pad_to(lse, 2, BQ), pad_to(delta, 2, BQ)
+    q_seg = pad_to(q_seg, 1, BQ, _PAD_Q_SEG).astype(jnp.int32)
+    k, v = pad_to(k, 1, BK), pad_to(v, 1, BK)
+    kv_seg = pad_to(kv_seg, 1, BK, _PAD_KV_SEG).astype(jnp.int32)
     Tp, Sp = q.shape[1], k.shape[1]
     n_q, n_kv = Tp // BQ, Sp // BK
-    qT, doT = jnp.swapaxes(q, 1, 3), jnp.swapaxes(d_out, 1, 3)  # [B, D, N, T]
-    kT, vT = jnp.swapaxes(k, 1, 3), jnp.swapaxes(v, 1, 3)  # [B, D, K, S]
-    c = scale * _LOG2E
+    # Operands wgmma needs transposed: views of the SMEM tiles, or (jax 0.10's interpreter) copies
+    # transposed in memory: qT, doT [B, D, N, T]; kT, vT [B, D, K, S].
+    tr = _compat.smem_transpose(interpret)
+    if tr:
+        qT = doT = kT = vT = None
+    else:
+        qT, doT = jnp.swapaxes(q, 1, 3), jnp.swapaxes(d_out, 1, 3)
+        kT, vT = jnp.swapaxes(k, 1, 3), jnp.swapaxes(v, 1, 3)
+    c = scale * LOG2E
     window = sliding_window
     ip = _compat.interpret_params() if interpret else False
 
@@ -351,12 +280,12 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
         return _visible(q_ids, k_ids, q_seg_b, kv_seg_b, causal, window)
 
     # ---- dK, dV: program (b, kv head, key block j); steps run over (query head g, query block i).
-    def dkv_kernel(q_ref, qT_ref, do_ref, doT_ref, lse_ref, dl_ref, qs_ref, k_ref, v_ref, ks_ref,
-                   dk_ref, dv_ref, scoped):
+    def dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, k_ref, v_ref, ks_ref, *refs):
+        *t_refs, dk_ref, dv_ref, scoped = refs  # t_refs: (qT, doT) without the in-SMEM transpose
         b, kh, j = lax.axis_index("b"), lax.axis_index("kh"), lax.axis_index("j")
         wg = lax.axis_index("wg")
-        (k_smem, v_smem, ks_smem, q_smem, qT_smem, do_smem, doT_smem, lse_smem, dl_smem, qs_smem, p_smem,
-         out_smem), (kv_bar, full, free) = scoped
+        (k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, dl_smem, qs_smem, p_smem, out_smem, *t_smem), \
+            (kv_bar, full, free) = scoped
         i0 = jnp.maximum((j * BK - offset) // BQ, 0) if causal else 0
         per_head = jnp.maximum(n_q - i0, 0)
         steps = G * per_head
@@ -371,24 +300,26 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
             shape = (BK, BQ)
             k_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + j * BK
             q_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            kv_seg_b = _row(ks_smem, 1, shape, 0)
+            kv_seg_b = row(ks_smem, 1, shape, 0)
 
             def body(step, carry):
                 dk, dv = carry
                 slot = lax.rem(step, stages)
                 i = i0 + lax.rem(step, jnp.maximum(per_head, 1))
                 plgpu.barrier_wait(full.at[slot])
-                sT = _mm(k_smem, qT_smem.at[slot], shape) * c
-                mask = mask_for(q_iota + i * BQ + offset, k_ids, _row(qs_smem.at[slot], 0, shape, 1), kv_seg_b)
-                pT = jnp.where(mask, jnp.exp2(sT - _row(lse_smem.at[slot], 0, shape, 1) * _LOG2E), 0.0)
+                qT_op = _compat.transposed(q_smem.at[slot]) if tr else t_smem[0].at[slot]
+                sT = mm(k_smem, qT_op, shape) * c
+                mask = mask_for(q_iota + i * BQ + offset, k_ids, row(qs_smem.at[slot], 0, shape, 1), kv_seg_b)
+                pT = jnp.where(mask, jnp.exp2(sT - row(lse_smem.at[slot], 0, shape, 1) * LOG2E), 0.0)
                 p_smem[...] = pT.astype(dtype)
                 plgpu.commit_smem()
-                dv = dv + _mm(p_smem, do_smem.at[slot], (BK, D))
-                dpT = _mm(v_smem, doT_smem.at[slot], shape)
-                dsT = pT * (dpT - _row(dl_smem.at[slot], 0, shape, 1))
+                dv = dv + mm(p_smem, do_smem.at[slot], (BK, D))
+                doT_op = _compat.transposed(do_smem.at[slot]) if tr else t_smem[1].at[slot]
+                dpT = mm(v_smem, doT_op, shape)
+                dsT = pT * (dpT - row(dl_smem.at[slot], 0, shape, 1))
                 p_smem[...] = dsT.astype(dtype)
                 plgpu.commit_smem()
-                dk = dk + _mm(p_smem, q_smem.at[slot], (BK, D))
+                dk = dk + mm(p_smem, q_smem.at[slot], (BK, D))
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
@@ -408,24 +339,24 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
                 rows = pl.ds((i0 + lax.rem(step, jnp.maximum(per_head, 1))) * BQ, BQ)
                 bar = full.at[slot]
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(qT_ref.at[b, :, h, rows], qT_smem.at[slot], bar)
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(doT_ref.at[b, :, h, rows], doT_smem.at[slot], bar)
+                for src, dst in zip(t_refs, t_smem):
+                    plgpu.copy_gmem_to_smem(src.at[b, :, h, rows], dst.at[slot], bar)
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], bar)
                 plgpu.copy_gmem_to_smem(dl_ref.at[b, h, rows], dl_smem.at[slot], bar)
                 plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem.at[slot], bar)
 
-            _produce(steps, G * n_q, stages, load, free)
+            produce(steps, G * n_q, stages, load, free)
 
     def dkv_entry(*refs):
+        n_t = 0 if tr else 2
         pl.run_scoped(
             lambda *scoped: dkv_kernel(*refs, scoped),
-            (_smem((BK, D), dtype), _smem((BK, D), dtype), plgpu.SMEM((BK,), jnp.int32),
-             _smem((stages, BQ, D), dtype), _smem((stages, D, BQ), dtype), _smem((stages, BQ, D), dtype),
-             _smem((stages, D, BQ), dtype), plgpu.SMEM((stages, BQ), jnp.float32),
-             plgpu.SMEM((stages, BQ), jnp.float32), plgpu.SMEM((stages, BQ), jnp.int32), _smem((BK, BQ), dtype),
-             _smem((2, BK, D), dtype)),
-            (plgpu.Barrier(num_arrivals=3, num_barriers=1), plgpu.Barrier(num_arrivals=7, num_barriers=stages),
+            (smem((BK, D), dtype), smem((BK, D), dtype), plgpu.SMEM((BK,), jnp.int32),
+             smem((stages, BQ, D), dtype), smem((stages, BQ, D), dtype), plgpu.SMEM((stages, BQ), jnp.float32),
+             plgpu.SMEM((stages, BQ), jnp.float32), plgpu.SMEM((stages, BQ), jnp.int32), smem((BK, BQ), dtype),
+             smem((2, BK, D), dtype), *[smem((stages, D, BQ), dtype)] * n_t),
+            (plgpu.Barrier(num_arrivals=3, num_barriers=1), plgpu.Barrier(num_arrivals=5 + n_t, num_barriers=stages),
              plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
             collective_axes="wg",
         )
@@ -433,16 +364,16 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
     dk, dv = plgpu.kernel(
         dkv_entry, out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
         grid=(B, K, n_kv), grid_names=("b", "kh", "j"), num_threads=2, thread_name="wg", interpret=ip,
-    )(q, qT, d_out, doT, lse, delta, q_seg, k, v, kv_seg)
+    )(q, d_out, lse, delta, q_seg, k, v, kv_seg, *(() if tr else (qT, doT)))
     if interpret:  # XLA:CPU may run independent interpreted kernels concurrently, which deadlocks the
         dk, dv, q = lax.optimization_barrier((dk, dv, q))  # interpreter: order dq after dk/dv
 
     # ---- dQ: program (b, head, query block i); steps run over the key blocks it can see.
-    def dq_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, k_ref, kT_ref, vT_ref, ks_ref, dq_ref, scoped):
+    def dq_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, k_ref, ks_ref, *refs):
+        *t_refs, dq_ref, scoped = refs  # t_refs: (v) with the in-SMEM transpose, else (kT, vT)
         b, h, i = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("i")
         wg = lax.axis_index("wg")
-        (q_smem, do_smem, lse_smem, dl_smem, qs_smem, k_smem, kT_smem, vT_smem, ks_smem, ds_smem), \
-            (q_bar, full, free) = scoped
+        (q_smem, do_smem, lse_smem, dl_smem, qs_smem, k_smem, ks_smem, ds_smem, *t_smem), (q_bar, full, free) = scoped
         steps = jnp.minimum(pl.cdiv((i + 1) * BQ + offset, BK), n_kv) if causal else n_kv
         kh = lax.div(h, G)
 
@@ -457,20 +388,22 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
             shape = (BQ, BK)
             q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + i * BQ + offset
             k_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            q_seg_b = _row(qs_smem, 1, shape, 0)
-            lse_b = _row(lse_smem, 1, shape, 0) * _LOG2E
-            dl_b = _row(dl_smem, 1, shape, 0)
+            q_seg_b = row(qs_smem, 1, shape, 0)
+            lse_b = row(lse_smem, 1, shape, 0) * LOG2E
+            dl_b = row(dl_smem, 1, shape, 0)
 
             def body(step, dq):
                 slot = lax.rem(step, stages)
                 plgpu.barrier_wait(full.at[slot])
-                s = _mm(q_smem, kT_smem.at[slot], shape) * c
-                mask = mask_for(q_ids, k_iota + step * BK, q_seg_b, _row(ks_smem.at[slot], 0, shape, 1))
+                kT_op = _compat.transposed(k_smem.at[slot]) if tr else t_smem[0].at[slot]
+                s = mm(q_smem, kT_op, shape) * c
+                mask = mask_for(q_ids, k_iota + step * BK, q_seg_b, row(ks_smem.at[slot], 0, shape, 1))
                 p = jnp.where(mask, jnp.exp2(s - lse_b), 0.0)
-                dp = _mm(do_smem, vT_smem.at[slot], shape)
+                vT_op = _compat.transposed(t_smem[0].at[slot]) if tr else t_smem[1].at[slot]
+                dp = mm(do_smem, vT_op, shape)
                 ds_smem[...] = (p * (dp - dl_b)).astype(dtype)
                 plgpu.commit_smem()
-                dq = dq + _mm(ds_smem, k_smem.at[slot], (BQ, D))
+                dq = dq + mm(ds_smem, k_smem.at[slot], (BQ, D))
                 plgpu.barrier_arrive(free.at[slot])
                 return dq
 
@@ -487,20 +420,21 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
                 blk = pl.ds(step * BK, BK)
                 bar = full.at[slot]
                 plgpu.copy_gmem_to_smem(k_ref.at[b, blk, kh], k_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(kT_ref.at[b, :, kh, blk], kT_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(vT_ref.at[b, :, kh, blk], vT_smem.at[slot], bar)
                 plgpu.copy_gmem_to_smem(ks_ref.at[b, blk], ks_smem.at[slot], bar)
+                for src, dst in zip(t_refs, t_smem):  # v [B, S, K, D], or kT and vT [B, D, K, S]
+                    plgpu.copy_gmem_to_smem(src.at[b, blk, kh] if tr else src.at[b, :, kh, blk], dst.at[slot], bar)
 
-            _produce(steps, n_kv, stages, load, free)
+            produce(steps, n_kv, stages, load, free)
 
     def dq_entry(*refs):
+        t_tiles = [smem((stages, BK, D), dtype)] if tr else [smem((stages, D, BK), dtype)] * 2
         pl.run_scoped(
             lambda *scoped: dq_kernel(*refs, scoped),
-            (_smem((BQ, D), dtype), _smem((BQ, D), dtype), plgpu.SMEM((BQ,), jnp.float32),
-             plgpu.SMEM((BQ,), jnp.float32), plgpu.SMEM((BQ,), jnp.int32), _smem((stages, BK, D), dtype),
-             _smem((stages, D, BK), dtype), _smem((stages, D, BK), dtype), plgpu.SMEM((stages, BK), jnp.int32),
-             _smem((BQ, BK), dtype)),
-            (plgpu.Barrier(num_arrivals=5, num_barriers=1), plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+            (smem((BQ, D), dtype), smem((BQ, D), dtype), plgpu.SMEM((BQ,), jnp.float32),
+             plgpu.SMEM((BQ,), jnp.float32), plgpu.SMEM((BQ,), jnp.int32), smem((stages, BK, D), dtype),
+             plgpu.SMEM((stages, BK), jnp.int32), smem((BQ, BK), dtype), *t_tiles),
+            (plgpu.Barrier(num_arrivals=5, num_barriers=1),
+             plgpu.Barrier(num_arrivals=2 + len(t_tiles), num_barriers=stages),
              plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
             collective_axes="wg",
         )
@@ -508,5 +442,5 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
     dq = plgpu.kernel(
         dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         grid=(B, N, n_q), grid_names=("b", "h", "i"), num_threads=2, thread_name="wg", interpret=ip,
-    )(q, d_out, lse, delta, q_seg, k, kT, vT, kv_seg)
+    )(q, d_out, lse, delta, q_seg, k, kv_seg, *((v,) if tr else (kT, vT)))
     return dq[:, :T], dk[:, :S], dv[:, :S]

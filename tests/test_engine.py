@@ -59,8 +59,8 @@ def test_greedy_matches_transformers_single_and_batched(model_dir):
         assert out.token_ids == exp and out.finish_reason == "length"
 
 
-def test_chunked_prefill_and_preemption_under_pressure(model_dir):
-    model, path = model_dir
+def test_chunked_prefill_and_preemption_under_pressure(dense_dir):  # scheduling is model-agnostic
+    model, path = dense_dir
     rng = np.random.default_rng()
     n = 10
     prompts = _prompts(rng, rng.integers(1, 60, n).tolist())

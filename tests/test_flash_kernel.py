@@ -43,9 +43,12 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+# jax 0.10's interpreter is slow and runs the kernels' fallback formulation (transposed operands read from
+# memory), so there it takes two cases; .ci/kernels-jax011 runs all of them as they run on hardware.
+JAX011 = pytest.mark.skipif(_compat.JAX_VERSION < (0, 11), reason="run under jax 0.11 by .ci/kernels-jax011")
 CASES = [  # B, T, N, K, causal, segments, window
-    (1, 128, 2, 2, True, 1, None),
-    (2, 100, 4, 2, True, 3, None),   # padding (T not a block multiple), GQA 2, packed documents
+    pytest.param(1, 128, 2, 2, True, 1, None, marks=JAX011),
+    pytest.param(1, 100, 4, 2, True, 3, None, marks=JAX011),  # padding (T not a block multiple), GQA 2, packing
     (1, 72, 4, 1, False, 2, None),   # GQA 4 (MQA), non-causal
     (1, 128, 2, 1, True, 1, 40),     # sliding window
 ]

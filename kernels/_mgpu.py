@@ -1,0 +1,82 @@
+"""Building blocks shared by the Pallas Mosaic GPU kernels (flash attention, paged attention).
+
+Every kernel here follows one pattern: a producer warpgroup streams tiles by TMA into a `stages`-deep
+SMEM ring (a "full" barrier per slot counting the copies, a "free" barrier released by the consumer),
+and consumer warpgroups run wgmma on SMEM operands with float32 accumulators in registers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = math.log2(math.e)
+
+
+def smem(shape, dtype):
+    """SMEM scratch with the tiling + 128-byte swizzle that TMA and wgmma expect (1D: plain)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    dtype = jnp.dtype(dtype)
+    if len(shape) < 2:
+        return plgpu.SMEM(shape, dtype)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 128 // dtype.itemsize)),
+                                                plgpu.SwizzleTransform(128)))
+
+
+def pad_to(x, axis, multiple, value=0):
+    """Pad `axis` of x at the end up to a multiple of `multiple`."""
+    pad = (-x.shape[axis]) % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def produce(steps, max_steps: int, stages: int, load, *frees):
+    """Producer warpgroup loop: fill the ring, refill each slot once released, then observe the last
+    releases (interpret mode requires every barrier phase to be observed).
+
+    load(step, slot) issues the copies of one step; a slot is released once the consumers have arrived
+    on free[slot] for every barrier array in `frees` (one per operand the consumers release separately)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    for s0 in range(min(stages, max_steps)):  # statically in bounds; dynamically only the needed ones
+        pl.when(s0 < steps)(functools.partial(load, s0, s0))
+
+    @pl.loop(stages, steps)
+    def _(step):
+        slot = lax.rem(step, stages)
+        for free in frees:
+            plgpu.barrier_wait(free.at[slot])
+        load(step, slot)
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _(step):
+        for free in frees:
+            plgpu.barrier_wait(free.at[lax.rem(step, stages)])
+
+
+def row(x_smem, layout_dim: int, shape, dim: int):
+    """A 1D SMEM vector in registers, broadcast along the other dim of a WGMMA-layout [*shape] tile."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    vec = plgpu.layout_cast(x_smem[...], plgpu.Layout.WGMMA.reduce(layout_dim))
+    return lax.broadcast_in_dim(vec, shape, [dim])
+
+
+def mm(lhs_smem, rhs_smem, shape):
+    """lhs @ rhs by wgmma into a fresh float32 accumulator [*shape]."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def f(acc_ref):
+        plgpu.wgmma(acc_ref, lhs_smem, rhs_smem)
+        return acc_ref[...]
+
+    return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
