@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels._compat import interpret_mode
 from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
 from kernels.paged_attention import (PagedConfig, paged_attention_forward, paged_attention_reference,
                                      pallas_supported, write_pages)
@@ -77,6 +78,12 @@ def _flash_bwd(causal, window, scale, interpret, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def attention_impl(impl: str, q, k, *, segment_ids=None, sliding_window=None, interpret: bool = False) -> str:
+    """The implementation `attention(q, k, ..., impl=impl)` runs ("pallas", "cudnn" or "xla")."""
+    return _resolve(impl, q, kv_len=k.shape[1], segment_ids=segment_ids, sliding_window=sliding_window,
+                    interpret=interpret)
+
+
 def _pallas_attention(q, k, v, causal, segment_ids, sliding_window, scale, interpret):
     if not _pallas_supported(q):
         raise ValueError(f"the Pallas attention kernel takes bf16/fp16 with head_dim 64 or 128, got "
@@ -119,6 +126,11 @@ def _resolve_paged(impl: str, q, k_pages, interpret: bool) -> str:
     return "xla"
 
 
+def paged_attention_impl(impl: str, q, k_pages, *, interpret: bool = False) -> str:
+    """The implementation `paged_attention(q, k_pages, ..., impl=impl)` runs."""
+    return _resolve_paged(impl, q, k_pages, interpret)
+
+
 def _cudnn_paged(q, k_pages, v_pages, block_tables, lengths, scale, layer):
     B, T, _, D = q.shape
     if T != 1:
@@ -149,4 +161,5 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, scale: float 
     return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale, layer=layer)
 
 
-__all__ = ["attention", "paged_attention", "write_pages", "attention_reference", "paged_attention_reference"]
+__all__ = ["attention", "paged_attention", "attention_impl", "paged_attention_impl", "write_pages",
+           "attention_reference", "paged_attention_reference", "interpret_mode"]

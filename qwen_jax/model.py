@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import kernels
 from qwen_jax import moe, rope
@@ -78,6 +79,41 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+def _per_shard(rules: ShardingRules | None, impl: str, fn, args, kinds, kv_shape):
+    """fn(*args), run once per shard (shard_map) when it runs a Pallas kernel on a multi-device mesh: XLA's
+    partitioner cannot split a Pallas call and would gather its operands onto every device.
+
+    kinds name each arg's layout: "q" [B, T, Hq, D], "kv" [B, S, Hkv, D], "pool" [..., blocks, block_size,
+    Hkv, D], "seq" [B, ...], "batch" [B], "scalar"; None args pass through. Shards split the batch over
+    the batch axes and the heads over the head axes; heads stay whole when query and kv heads cannot be
+    split alike (every group's kv head must sit on its query heads' device)."""
+    if impl != "pallas" or rules is None or rules.mesh.size == 1:
+        return fn(*args)
+    q = args[0]
+    batch = rules.spec(("act_batch",), q.shape[:1])[0]
+    heads = rules.spec(("act_heads",), q.shape[2:3])[0]
+    if heads != rules.spec(("act_kv_heads",), kv_shape[-2:-1])[0]:
+        heads = None
+    layouts = {"q": P(batch, None, heads, None), "kv": P(batch, None, heads, None), "seq": P(batch, None),
+               "batch": P(batch), "scalar": P()}
+    specs = []
+    for x, kind in zip(args, kinds):
+        if kind == "pool":
+            specs.append(P(*([None] * (x.ndim - 2)), heads, None))
+        else:
+            specs.append(None if x is None else layouts[kind])
+    present = [i for i, x in enumerate(args) if x is not None]
+
+    def body(*xs):
+        full = list(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return fn(*full)
+
+    return jax.shard_map(body, mesh=rules.mesh, in_specs=tuple(specs[i] for i in present),
+                         out_specs=layouts["q"], check_vma=False)(*(args[i] for i in present))
+
+
 class Attention(nn.Module):
     config: Qwen3Config
     dtype: Any
@@ -115,12 +151,18 @@ class Attention(nn.Module):
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
 
         if cache is None:
-            out = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.attn_impl)
+            impl = kernels.attention_impl(self.attn_impl, q, k, segment_ids=segment_ids)
+            attend = lambda q, k, v, seg: kernels.attention(q, k, v, causal=True, segment_ids=seg, impl=impl)  # noqa: E731
+            out = _per_shard(self.rules, impl, attend, (q, k, v, segment_ids),
+                             ("q", "kv", "kv", "seq"), k.shape)
         else:
             k_pool, v_pool = kernels.write_pages(cache["k"], cache["v"], k, v, meta.slot_mapping, layer=layer)
             cache = {"k": k_pool, "v": v_pool}
-            out = kernels.paged_attention(q, k_pool, v_pool, meta.block_tables, meta.lengths, layer=layer,
-                                          impl=self.attn_impl)
+            impl = kernels.paged_attention_impl(self.attn_impl, q, k_pool)
+            attend = lambda q, kp, vp, bt, ln, lyr: kernels.paged_attention(q, kp, vp, bt, ln, layer=lyr,  # noqa: E731
+                                                                            impl=impl)
+            out = _per_shard(self.rules, impl, attend, (q, k_pool, v_pool, meta.block_tables, meta.lengths, layer),
+                             ("q", "pool", "pool", "seq", "batch", "scalar"), k_pool.shape[-3:])
         out = constrain(out, self.rules, ("act_batch", "act_seq", "act_heads", None))
         y = jnp.einsum("BTNH,NHD->BTD", out, wo)
         if self.lora is not None:

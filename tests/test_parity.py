@@ -68,8 +68,9 @@ def test_bf16_parity(tmp_path, name):
     """bf16 weights and compute on both sides: logits within BF16_TOL of the max logit.
 
     MoE in bf16: the router logits are rounded to bf16 on both sides (as in HF), so a near-tie can pick a
-    different expert for a few tokens (measured: ~2% of tokens). Those tokens, and later tokens that
-    attend to them, legitimately differ; positions before a row's first flip are held to BF16_TOL."""
+    different expert for a few tokens (measured: ~2% of tokens), as can an exact bf16 tie at the top-k
+    boundary. Those tokens, and later tokens that attend to them, legitimately differ; positions before a
+    row's first flip or tie are held to BF16_TOL (300 random draws: all within 0.017)."""
     model, path = build(tmp_path, seed=3, dtype=torch.bfloat16, **CONFIGS[name])
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
     assert params["embed"].dtype == jnp.bfloat16
@@ -87,6 +88,10 @@ def test_bf16_parity(tmp_path, name):
             a = np.sort(np.asarray(jax.lax.top_k(out.router_logits[j].astype(jnp.float32), k)[1]), -1)
             b = np.sort(torch.topk(rl.float(), k).indices.numpy(), -1)
             flipped |= (a != b).any(-1)
+            # An exact tie at the top-k boundary in our bf16 logits: which expert wins depends on how XLA
+            # fused the top-k (the jitted forward and a standalone top_k can break it differently).
+            srt = -np.sort(-np.asarray(out.router_logits[j], np.float32), -1)
+            flipped |= srt[:, k - 1] == srt[:, k]
         flipped = flipped.reshape(B, T)
         assert flipped.mean() <= 0.1
         valid = np.cumsum(flipped, axis=1) == 0  # before the first flip in each row

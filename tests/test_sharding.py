@@ -56,3 +56,45 @@ def test_sharded_forward_equals_unsharded(tmp_path, mesh_spec, overrides):
     out = fwd(sharded, ids_sharded)
     assert isinstance(out.sharding, NamedSharding)
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("mesh_spec,heads,kv_heads,local", [
+    ("data=4,tensor=2", 4, 2, (1, 2, 1)),  # batch and heads split; each device keeps its heads' kv head
+    ("data=2,tensor=4", 4, 2, (2, 4, 2)),  # 2 kv heads cannot go to 4 devices: heads stay whole
+])
+def test_pallas_kernels_run_per_shard(rng, mesh_spec, heads, kv_heads, local):
+    """A Pallas kernel is opaque to XLA's partitioner, so the model runs it per shard (shard_map): each
+    call sees its device's batch rows and heads, and the result equals the unsharded one. The kernels
+    themselves are tested in tests/test_*_kernel.py; here the references stand in for them (the GPU
+    interpreter cannot run on several simulated devices at once)."""
+    import kernels
+    from qwen_jax.model import _per_shard
+
+    rules = ShardingRules(make_mesh(mesh_spec))
+    B, T, D, L, NB, BS = 4, 8, 16, 2, 12, 4
+    q = jnp.asarray(rng.standard_normal((B, T, heads, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, T, kv_heads, D)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[0] * 5 + [1] * 3], B, 0), jnp.int32)
+    pools = [jnp.asarray(rng.standard_normal((L, NB, BS, kv_heads, D)), jnp.float32) for _ in range(2)]
+    tables = jnp.asarray(rng.permutation(NB)[:B * 3].reshape(B, 3), jnp.int32)
+    lengths = jnp.asarray([3, 12, 7, 9], jnp.int32)
+    seen = []
+
+    def attend(q, k, v, seg):
+        seen.append((q.shape[0], q.shape[2], k.shape[2]))
+        return kernels.attention_reference(q, k, v, segment_ids=seg)
+
+    def paged(q, kp, vp, bt, ln, layer):
+        seen.append((q.shape[0], q.shape[2], kp.shape[-2]))
+        return kernels.paged_attention_reference(q, kp, vp, bt, ln, layer=layer)
+
+    got = jax.jit(lambda *a: _per_shard(rules, "pallas", attend, a, ("q", "kv", "kv", "seq"), k.shape))(q, k, v, seg)
+    assert seen.pop() == local
+    assert rel_err(got, kernels.attention_reference(q, k, v, segment_ids=seg)) <= 1e-5
+    args = (q[:, -1:], *pools, tables, lengths, jnp.int32(1))
+    got = jax.jit(lambda *a: _per_shard(rules, "pallas", paged, a, ("q", "pool", "pool", "seq", "batch", "scalar"),
+                                        pools[0].shape[-3:]))(*args)
+    assert seen.pop() == local
+    assert rel_err(got, kernels.paged_attention_reference(*args[:5], layer=1)) <= 1e-5
+    assert _per_shard(rules, "xla", attend, (q, k, v, seg), ("q", "kv", "kv", "seq"), k.shape) is not None
+    assert seen.pop() == (B, heads, kv_heads)  # XLA partitions the reference itself: no shard_map
