@@ -55,6 +55,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def check(ours, theirs, what: str, tol: float = 2e-2) -> None:
+    ours, theirs = ours.astype(jnp.float32), theirs.astype(jnp.float32)
+    err = float(jnp.abs(ours - theirs).max() / jnp.abs(theirs).max())
+    if not err <= tol:  # NaN fails too
+        raise AssertionError(f"{what} differs from the reference by {err:.3g}")
+
+
 def flash(args) -> None:
     B, H, D = args.batch, args.heads, args.head_dim
     K = args.kv_heads or H
@@ -73,11 +80,13 @@ def flash(args) -> None:
                     kernels.attention(q, k, v, causal=causal, impl=impl).astype(jnp.float32),
                     do.astype(jnp.float32)), argnums=(0, 1, 2)))
                 try:
-                    if T == args.seqs[0]:
-                        ref = kernels.attention(q, k, v, causal=causal, impl="xla").astype(jnp.float32)
-                        err = float(jnp.abs(fwd(q, k, v).astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
-                        if err > 2e-2:
-                            raise AssertionError(f"forward differs from the reference by {err:.3g}")
+                    if T == args.seqs[0]:  # on hardware: forward and all three gradients vs the reference
+                        check(fwd(q, k, v), kernels.attention(q, k, v, causal=causal, impl="xla"), "forward")
+                        ref_grads = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(
+                            kernels.attention(q, k, v, causal=causal, impl="xla").astype(jnp.float32),
+                            do.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
+                        for name, ours, theirs in zip(("dq", "dk", "dv"), grad(q, k, v), ref_grads):
+                            check(ours, theirs, name)
                     t_f = time_fn(fwd, q, k, v)
                     t_fb = time_fn(grad, q, k, v)
                     rows.append([impl, "causal" if causal else "full", T, flops / t_f / 1e12,
@@ -119,13 +128,9 @@ def paged(args) -> None:
             for impl in args.impls:
                 f = jax.jit(lambda q, kp, vp, bt, ln, impl=impl: kernels.paged_attention(q, kp, vp, bt, ln, impl=impl))
                 try:
-                    out = f(q, k_pages, v_pages, tables, lengths).astype(jnp.float32)
                     if ref is None:
-                        ref = kernels.paged_attention(q, k_pages, v_pages, tables, lengths,
-                                                      impl="xla").astype(jnp.float32)
-                    err = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
-                    if err > 2e-2:
-                        raise AssertionError(f"output differs from the reference by {err:.3g}")
+                        ref = kernels.paged_attention(q, k_pages, v_pages, tables, lengths, impl="xla")
+                    check(f(q, k_pages, v_pages, tables, lengths), ref, "output")
                     t = time_fn(f, q, k_pages, v_pages, tables, lengths, iters=10)
                     rows.append([impl, B, ctx, kv_bytes / t / 1e9, 100 * kv_bytes / t / bw, t * 1e6])
                 except Exception as e:  # an impl that cannot run this case is reported, not fatal
