@@ -6,8 +6,9 @@ Each entry point dispatches on `impl`:
     mode on any machine). Flash attention has a Pallas forward and backward (jax.custom_vjp);
   * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (attention: no segment ids or window;
     paged attention: one query token, after gathering the pages);
-  * "auto": Pallas on Hopper+ GPUs for bf16/fp16 with head_dim 64 or 128, else cuDNN on other NVIDIA
-    GPUs when it applies (attention only), else XLA (always on the CPU). Paged attention takes the Pallas
+  * "auto": Pallas on Hopper+ GPUs for bf16/fp16 with head_dim 64 or 128 once the kernel has passed a
+    one-time self-check on the device (`_self_check`), else cuDNN on other NVIDIA GPUs when it applies
+    (attention only), else XLA (always on the CPU). Paged attention takes the Pallas
     kernel only for short queries (Tq * Hq / Hkv <= PAGED_AUTO_MAX_ROWS rows per kv head): each block of
     64 rows reads the whole context once, so long prefill chunks go to XLA.
 """
@@ -38,6 +39,58 @@ def _hopper_or_newer() -> bool:
         return False
 
 
+@functools.cache
+def _self_check(kind: str, dtype_name: str, head_dim: int, interpret: bool = False) -> bool:
+    """Whether the Pallas `kind` kernel ("flash" or "paged") compiles, runs and matches its reference on a
+    small case on this machine. Run once per process before impl="auto" picks the kernel (in a thread of
+    its own, so it runs eagerly even while the caller is being traced): a kernel that cannot compile here
+    falls back with a warning instead of failing the caller's whole program."""
+    import concurrent.futures
+    import warnings
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # JAX's trace state is per thread
+        error = pool.submit(_run_self_check, kind, jnp.dtype(dtype_name), head_dim, interpret).result()
+    if error:
+        warnings.warn(f"the Pallas {kind} kernel ({dtype_name}, head_dim {head_dim}) failed its self-check on "
+                      f"{jax.devices()[0].device_kind}: {error}; impl='auto' will not use it",
+                      RuntimeWarning, stacklevel=2)
+    return not error
+
+
+def _run_self_check(kind: str, dtype, head_dim: int, interpret: bool) -> str | None:
+    """The self-check's work: None when the kernel matches its reference, else what went wrong."""
+    ks = jax.random.split(jax.random.key(0), 4)
+    try:
+        if kind == "flash":
+            q = jax.random.normal(ks[0], (1, 128, 2, head_dim), dtype)
+            k = jax.random.normal(ks[1], (1, 128, 1, head_dim), dtype)
+            v = jax.random.normal(ks[2], (1, 128, 1, head_dim), dtype)
+            outs = {}
+            for impl in ("pallas", "xla"):
+                def loss(q, k, v, impl=impl):
+                    return jnp.sum(attention(q, k, v, impl=impl, interpret=interpret).astype(jnp.float32) ** 2)
+
+                outs[impl] = (attention(q, k, v, impl=impl, interpret=interpret),
+                              *jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+            pairs = list(zip(outs["pallas"], outs["xla"]))
+        else:
+            q = jax.random.normal(ks[0], (2, 1, 4, head_dim), dtype)
+            pages = [jax.random.normal(kk, (8, 16, 2, head_dim), dtype) for kk in ks[1:3]]
+            tables = jnp.asarray([[3, 5, 1], [0, 7, 2]], jnp.int32)
+            lengths = jnp.asarray([37, 20], jnp.int32)
+            pairs = [(paged_attention(q, *pages, tables, lengths, impl="pallas", interpret=interpret),
+                      paged_attention(q, *pages, tables, lengths, impl="xla"))]
+        for ours, theirs in pairs:
+            ours, theirs = jnp.asarray(ours, jnp.float32), jnp.asarray(theirs, jnp.float32)
+            err = float(jnp.abs(ours - theirs).max() / jnp.abs(theirs).max())
+            if not err <= 2e-2:
+                return f"differs from the reference by {err:.3g}"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not pick this kernel automatically
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"{type(e).__name__}: {msg}"
+    return None
+
+
 def _pallas_supported(q) -> bool:
     return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128)
 
@@ -48,7 +101,8 @@ def _resolve(impl: str, q=None, *, kv_len=None, segment_ids=None, sliding_window
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if q is not None and _pallas_supported(q) and (interpret or _hopper_or_newer()):
+    if q is not None and _pallas_supported(q) and (
+            interpret or (_hopper_or_newer() and _self_check("flash", q.dtype.name, q.shape[-1]))):
         return "pallas"
     if (q is not None and jax.devices()[0].platform == "gpu" and segment_ids is None and sliding_window is None
             and kv_len == q.shape[1]):  # cuDNN's causal mask is top-left aligned: only T == S agrees
@@ -121,7 +175,8 @@ def _resolve_paged(impl: str, q, k_pages, interpret: bool) -> str:
     if impl != "auto":
         return impl
     rows = q.shape[1] * q.shape[2] // k_pages.shape[-2]
-    if pallas_supported(q, k_pages) is None and rows <= PAGED_AUTO_MAX_ROWS and (interpret or _hopper_or_newer()):
+    if pallas_supported(q, k_pages) is None and rows <= PAGED_AUTO_MAX_ROWS and (
+            interpret or (_hopper_or_newer() and _self_check("paged", q.dtype.name, q.shape[-1]))):
         return "pallas"
     return "xla"
 

@@ -153,6 +153,33 @@ def test_dispatch():
         kernels.paged_attention(jnp.zeros((2, 3, 4, 64), jnp.bfloat16), pages, pages, bt, lens, impl="cudnn")
 
 
+def test_auto_uses_pallas_only_after_a_self_check(monkeypatch):
+    """On a GPU, impl="auto" picks a Pallas kernel only once it has compiled, run and matched its reference
+    on the device; a kernel that fails falls back with a warning instead of breaking the caller."""
+    q = jnp.zeros((2, 1, 4, 64), jnp.bfloat16)
+    pages = jnp.zeros((6, 16, 2, 64), jnp.bfloat16)
+    monkeypatch.setattr(kernels, "_hopper_or_newer", lambda: True)
+    monkeypatch.setattr(kernels, "_self_check", lambda *a: False)
+    assert kernels._resolve_paged("auto", q, pages, interpret=False) == "xla"
+    monkeypatch.setattr(kernels, "_self_check", lambda *a: True)
+    assert kernels._resolve_paged("auto", q, pages, interpret=False) == "pallas"
+    assert kernels._resolve("auto", jnp.zeros((1, 64, 2, 64), jnp.bfloat16), kv_len=64) == "pallas"
+
+
+def test_self_check_passes_a_working_kernel_and_rejects_a_broken_one(monkeypatch):
+    check = kernels._self_check.__wrapped__  # uncached
+    # Inside a trace (as when the model resolves impl="auto" under jit) the check still runs eagerly.
+    assert jax.jit(lambda x: x + check("paged", "bfloat16", 64, True))(jnp.int32(0)) == 1
+    assert not _compat.races_found()
+
+    def broken(*args, **kw):
+        raise RuntimeError("ptxas: out of registers")
+
+    monkeypatch.setattr(kernels, "flash_attention_forward", broken)
+    with pytest.warns(RuntimeWarning, match="flash kernel .* failed its self-check .* out of registers"):
+        assert check("flash", "bfloat16", 64, True) is False
+
+
 def test_model_cache_path_with_pallas_paged_attention(tmp_path):
     """Prefill then decode through the model's paged-cache path with attn_impl="pallas" (interpret mode)
     equals the same steps with attn_impl="xla", in bf16."""
