@@ -152,6 +152,9 @@ def pack_conversations(examples: list[tuple[np.ndarray, np.ndarray]], row_len: i
     """Best-fit-decreasing packing of whole conversations into rows of row_len.
 
     -> tokens, segment_ids (1, 2, ... per conversation, 0 = padding), loss_mask; each [rows, row_len]."""
+    longest = max((len(ids) for ids, _ in examples), default=0)
+    if longest > row_len:
+        raise ValueError(f"a conversation of {longest} tokens does not fit rows of {row_len}")
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (space left, row)
