@@ -71,11 +71,12 @@ def attention_reference(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_
 
 # ------------------------------------------------------------------ Pallas Mosaic GPU forward
 # Program (b, h, i) computes query rows [i * 2 * BQ, (i + 1) * 2 * BQ) of head h with three warpgroups:
-# two consumers (BQ rows each: S = Q K^T by wgmma, online softmax in registers, P staged through SMEM,
-# O += P V by wgmma) and one producer that streams K/V blocks of kv head h // G by TMA into a ring of
-# `stages` slots guarded by full/free barriers. Masks (causal aligned at the end, segment ids, sliding
-# window) come from iotas and the segment ids streamed beside K. Causal programs stop at the last K block
-# their rows can see. Out-of-range rows/keys are padding (their segment ids never match).
+# two consumers (BQ rows each: S = Q K^T by wgmma with K^T a transposed view of the K tile, online
+# softmax in registers, P staged through SMEM, O += P V by wgmma) and one producer that streams K/V blocks
+# of kv head h // G by TMA into a ring of `stages` slots guarded by full/free barriers. Masks (causal
+# aligned at the end, segment ids, sliding window) come from iotas and the segment ids streamed beside K.
+# Causal programs stop at the last K block their rows can see. Out-of-range rows/keys are padding (their
+# segment ids never match).
 
 
 _PAD_Q_SEG, _PAD_KV_SEG = -(2**31) + 1, -(2**31)
@@ -238,8 +239,9 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
 # see it, for every query head of its kv head: GQA without repeated K/V); a second accumulates dQ for a
 # block of queries. In both, warpgroup 0 computes and warpgroup 1 streams the per-step tiles by TMA into a
 # `stages`-deep ring (one "full" barrier per slot counting the copies, one "free" barrier released by the
-# consumer). Operands wgmma needs transposed are read from pre-transposed copies, which also keeps the
-# kernels runnable in interpret mode. P and dS are staged through SMEM as the left wgmma operand.
+# consumer). Operands wgmma needs transposed (Q, dO in dK/dV; K, V in dQ) are transposed views of their
+# SMEM tiles (transposed copies from memory under jax 0.10's interpreter). P and dS are staged through
+# SMEM as the left wgmma operand.
 
 
 def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal: bool, sliding_window: int | None,
