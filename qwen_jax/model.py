@@ -152,15 +152,20 @@ class Attention(nn.Module):
 
         if cache is None:
             impl = kernels.attention_impl(self.attn_impl, q, k, segment_ids=segment_ids)
-            attend = lambda q, k, v, seg: kernels.attention(q, k, v, causal=True, segment_ids=seg, impl=impl)  # noqa: E731
+
+            def attend(q, k, v, seg):
+                return kernels.attention(q, k, v, causal=True, segment_ids=seg, impl=impl)
+
             out = _per_shard(self.rules, impl, attend, (q, k, v, segment_ids),
                              ("q", "kv", "kv", "seq"), k.shape)
         else:
             k_pool, v_pool = kernels.write_pages(cache["k"], cache["v"], k, v, meta.slot_mapping, layer=layer)
             cache = {"k": k_pool, "v": v_pool}
             impl = kernels.paged_attention_impl(self.attn_impl, q, k_pool)
-            attend = lambda q, kp, vp, bt, ln, lyr: kernels.paged_attention(q, kp, vp, bt, ln, layer=lyr,  # noqa: E731
-                                                                            impl=impl)
+
+            def attend(q, kp, vp, bt, ln, lyr):
+                return kernels.paged_attention(q, kp, vp, bt, ln, layer=lyr, impl=impl)
+
             out = _per_shard(self.rules, impl, attend, (q, k_pool, v_pool, meta.block_tables, meta.lengths, layer),
                              ("q", "pool", "pool", "seq", "batch", "scalar"), k_pool.shape[-3:])
         out = constrain(out, self.rules, ("act_batch", "act_seq", "act_heads", None))

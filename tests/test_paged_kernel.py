@@ -97,10 +97,12 @@ def test_combine_splits_equals_one_softmax(rng):
         x = logits[:, s * n:(s + 1) * n]
         m = np.max(x, axis=1, keepdims=True)
         w = np.exp(x - np.where(np.isfinite(m), m, 0))
-        parts.append(np.where(w.sum(1, keepdims=True) > 0, w @ v[s * n:(s + 1) * n] / np.maximum(w.sum(1, keepdims=True), 1e-30), 0))
+        den = w.sum(1, keepdims=True)
+        parts.append(np.where(den > 0, w @ v[s * n:(s + 1) * n] / np.maximum(den, 1e-30), 0))
         with np.errstate(divide="ignore"):
-            lses.append(np.log(w.sum(1)) + m[:, 0])
-    out = np.asarray(combine_splits(jnp.asarray(np.stack(parts), jnp.float32), jnp.asarray(np.stack(lses), jnp.float32)))
+            lses.append(np.log(den[:, 0]) + m[:, 0])
+    out = np.asarray(combine_splits(jnp.asarray(np.stack(parts), jnp.float32),
+                                    jnp.asarray(np.stack(lses), jnp.float32)))
     p = np.exp(logits[:3] - logits[:3].max(1, keepdims=True))
     np.testing.assert_allclose(out[:3], (p / p.sum(1, keepdims=True)) @ v, rtol=1e-5, atol=1e-6)
     assert (out[3] == 0).all()
