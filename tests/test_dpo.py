@@ -85,9 +85,11 @@ def test_dpo_loss_rewards_and_gradients_match_pytorch(tmp_path, dpo, rng):
     t_loss.backward()
 
     assert rel_err(loss, t_loss.item()) <= 1e-4
-    assert rel_err(sums["rewards/chosen"], r_w.sum().item()) <= 1e-4
-    assert rel_err(sums["rewards/rejected"], r_l.sum().item()) <= 1e-4
-    assert rel_err(sums["rewards/margin"], (r_w - r_l).sum().item()) <= 1e-4
+    # A reward sum is a sum of differences of log-prob sums and can nearly cancel: its error is held
+    # relative to the magnitude of the log-probs it is made of (measured: <= 5e-8 of it).
+    scale = dpo.beta * float((pi.detach().abs() + ref_lp.abs()).sum())
+    for name, theirs in (("chosen", r_w.sum()), ("rejected", r_l.sum()), ("margin", (r_w - r_l).sum())):
+        assert abs(float(sums[f"rewards/{name}"]) - theirs.item()) <= 1e-6 * scale, name
     assert float(sums["rewards/accuracy"]) == float((r_w > r_l).sum())
     assert rel_err(sums["logps/chosen"], pi[:, 0].sum().item()) <= 1e-4
     ours = hf_state_dict(cfg, grads)
