@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from kernels._compat import interpret_mode
 from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
-from kernels.paged_attention import (PagedConfig, paged_attention_forward, paged_attention_reference,
-                                     pallas_supported, write_pages)
+from kernels.paged_attention import (PagedConfig, gather_pages, paged_attention_forward,
+                                     paged_attention_reference, pallas_supported, write_pages)
 
 IMPLS = ("auto", "pallas", "cudnn", "xla")
 PAGED_AUTO_MAX_ROWS = 256
@@ -95,10 +95,14 @@ def _pallas_supported(q) -> bool:
     return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128)
 
 
-def _resolve(impl: str, q=None, *, kv_len=None, segment_ids=None, sliding_window=None,
-             interpret: bool = False) -> str:
+def _check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _resolve(impl: str, q=None, *, kv_len=None, segment_ids=None, sliding_window=None,
+             interpret: bool = False) -> str:
+    _check_impl(impl)
     if impl != "auto":
         return impl
     if q is not None and _pallas_supported(q) and (
@@ -170,8 +174,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, sliding_window:
 
 
 def _resolve_paged(impl: str, q, k_pages, interpret: bool) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    _check_impl(impl)
     if impl != "auto":
         return impl
     rows = q.shape[1] * q.shape[2] // k_pages.shape[-2]
@@ -187,13 +190,12 @@ def paged_attention_impl(impl: str, q, k_pages, *, interpret: bool = False) -> s
 
 
 def _cudnn_paged(q, k_pages, v_pages, block_tables, lengths, scale, layer):
-    B, T, _, D = q.shape
+    T = q.shape[1]
     if T != 1:
         raise ValueError(f"impl='cudnn' paged attention takes one query token per sequence, got {T}; "
                          "use 'pallas' or 'xla'")
-    idx = block_tables if layer is None else (layer, block_tables)
-    k = k_pages[idx].reshape(B, -1, *k_pages.shape[-2:])  # gathered [B, S, Hkv, D]
-    v = v_pages[idx].reshape(B, -1, *v_pages.shape[-2:])
+    k = gather_pages(k_pages, block_tables, layer)  # [B, S, Hkv, D]
+    v = gather_pages(v_pages, block_tables, layer)
     lens = jnp.minimum(lengths, k.shape[1]).astype(jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens, implementation="cudnn")
 

@@ -38,6 +38,13 @@ def write_pages(k_pages, v_pages, k_BTKD, v_BTKD, slot_mapping_BT, layer=None):
     return k_pages, v_pages
 
 
+def gather_pages(pages, block_tables, layer=None):
+    """Each sequence's pages in order: pages [num_blocks, block_size, Hkv, D] (or the whole pool
+    [L, num_blocks, ...] with `layer`), block_tables [B, max_blocks] -> [B, max_blocks * block_size, Hkv, D]."""
+    idx = block_tables if layer is None else (layer, block_tables)
+    return pages[idx].reshape(block_tables.shape[0], -1, *pages.shape[-2:])
+
+
 def paged_attention_reference(q_BTND, k_pages, v_pages, block_tables, lengths, *, scale: float | None = None,
                               layer=None):
     """Gather-then-attend reference. q [B, Tq, Hq, D] -> [B, Tq, Hq, D].
@@ -46,9 +53,8 @@ def paged_attention_reference(q_BTND, k_pages, v_pages, block_tables, lengths, *
     B, T, N, D = q_BTND.shape
     K = k_pages.shape[-2]
     scale = D ** -0.5 if scale is None else scale
-    idx = block_tables if layer is None else (layer, block_tables)
-    k = k_pages[idx].reshape(B, -1, K, D)  # [B, S, Hkv, D], S = max_blocks * block_size
-    v = v_pages[idx].reshape(B, -1, K, D)
+    k = gather_pages(k_pages, block_tables, layer)  # [B, S, Hkv, D], S = max_blocks * block_size
+    v = gather_pages(v_pages, block_tables, layer)
     S = k.shape[1]
     q_pos = lengths[:, None] - T + jnp.arange(T)[None, :]  # [B, T]
     k_pos = jnp.arange(S)

@@ -79,7 +79,7 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def _per_shard(rules: ShardingRules | None, impl: str, fn, args, kinds, kv_shape):
+def _per_shard(rules: ShardingRules | None, impl: str, fn, args, kinds):
     """fn(*args), run once per shard (shard_map) when it runs a Pallas kernel on a multi-device mesh: XLA's
     partitioner cannot split a Pallas call and would gather its operands onto every device.
 
@@ -92,7 +92,8 @@ def _per_shard(rules: ShardingRules | None, impl: str, fn, args, kinds, kv_shape
     q = args[0]
     batch = rules.spec(("act_batch",), q.shape[:1])[0]
     heads = rules.spec(("act_heads",), q.shape[2:3])[0]
-    if heads != rules.spec(("act_kv_heads",), kv_shape[-2:-1])[0]:
+    kv_heads = next(x.shape[-2] for x, kind in zip(args, kinds) if kind in ("kv", "pool"))
+    if heads != rules.spec(("act_kv_heads",), (kv_heads,))[0]:
         heads = None
     layouts = {"q": P(batch, None, heads, None), "kv": P(batch, None, heads, None), "seq": P(batch, None),
                "batch": P(batch), "scalar": P()}
@@ -156,8 +157,7 @@ class Attention(nn.Module):
             def attend(q, k, v, seg):
                 return kernels.attention(q, k, v, causal=True, segment_ids=seg, impl=impl)
 
-            out = _per_shard(self.rules, impl, attend, (q, k, v, segment_ids),
-                             ("q", "kv", "kv", "seq"), k.shape)
+            out = _per_shard(self.rules, impl, attend, (q, k, v, segment_ids), ("q", "kv", "kv", "seq"))
         else:
             k_pool, v_pool = kernels.write_pages(cache["k"], cache["v"], k, v, meta.slot_mapping, layer=layer)
             cache = {"k": k_pool, "v": v_pool}
@@ -167,7 +167,7 @@ class Attention(nn.Module):
                 return kernels.paged_attention(q, kp, vp, bt, ln, layer=lyr, impl=impl)
 
             out = _per_shard(self.rules, impl, attend, (q, k_pool, v_pool, meta.block_tables, meta.lengths, layer),
-                             ("q", "pool", "pool", "seq", "batch", "scalar"), k_pool.shape[-3:])
+                             ("q", "pool", "pool", "seq", "batch", "scalar"))
         out = constrain(out, self.rules, ("act_batch", "act_seq", "act_heads", None))
         y = jnp.einsum("BTNH,NHD->BTD", out, wo)
         if self.lora is not None:
