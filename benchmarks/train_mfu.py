@@ -24,7 +24,10 @@ import qwen_jax
 from benchmarks.common import markdown_table, record, time_fn
 from qwen_jax import ShardingRules, get_preset, make_mesh
 from train.metrics import flops_per_token, peak_flops
-from train.trainer import TrainConfig, init_state, make_optimizer, make_train_step, put_batch, state_shardings
+from train.config import TrainConfig
+from train.optim import make_optimizer
+from train.placement import put_batch
+from train.trainer import init_state, make_train_step, state_shardings
 
 
 def model_config(name: str, cpu: bool):

@@ -1,6 +1,8 @@
-"""Inference: paged KV cache, continuous batching, sampling, and `python -m infer.generate`."""
+"""Inference: paged KV cache, continuous batching, sampling, the online engine, `python -m infer.generate` and
+`python -m infer.serve`."""
 
-from infer.engine import LLM, RequestOutput
+from infer.engine import CompletionOutput, Engine, RequestOutput, StreamDelta
+from infer.llm import LLM
 from infer.sampling import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["CompletionOutput", "Engine", "LLM", "RequestOutput", "SamplingParams", "StreamDelta"]

@@ -1,4 +1,4 @@
-"""Sequences and the KV block manager: reference-counted pages with prefix caching.
+"""The KV block manager: reference-counted pages with prefix caching.
 
 A full block is identified by a chained hash of (hash of the previous block, its tokens). A block's hash
 is registered only once its K/V are computed (`commit`, after each step), so a chunked prefill never
@@ -11,58 +11,10 @@ into a shared block.
 
 from __future__ import annotations
 
-import enum
-import itertools
 from collections import deque
 
-from infer.sampling import SamplingParams
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-class Sequence:
-    _ids = itertools.count()
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int, index: int):
-        self.id = next(Sequence._ids)
-        self.index = index  # position in the caller's request list
-        self.prompt_ids = list(prompt_ids)
-        self.output_ids: list[int] = []
-        self.params = params
-        self.seed = seed
-        self.status = Status.WAITING
-        self.block_table: list[int] = []
-        self.num_computed = 0  # tokens whose K/V are in the cache
-        self.num_cached = 0  # tokens found in the prefix cache at the last admission
-        self.slot = -1  # row in the sampler's penalty state
-        self.finish_reason: str | None = None
-        self.logprobs: list = []
-        self.text: str | None = None  # the output text, set only when a stop string cut it
-        self.hashes: list[int] = []  # chain hashes of the leading full blocks whose K/V are computed
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def tokens(self, start: int, stop: int) -> list[int]:
-        """token_ids[start:stop] without building the whole list (the per-step hot path)."""
-        n = len(self.prompt_ids)
-        if start >= n:
-            return self.output_ids[start - n:stop - n]
-        return self.prompt_ids[start:stop] + self.output_ids[:max(0, stop - n)]
-
-    @property
-    def in_prefill(self) -> bool:
-        """More than the last token still lacks K/V (a prompt, or a recompute after preemption). A sequence
-        with only its last token uncomputed is in decode: one token in, the next one sampled."""
-        return self.num_computed < len(self) - 1
+from infer.sequence import Sequence
+from qwen_jax.util import cdiv
 
 
 class Block:
@@ -82,13 +34,23 @@ class BlockManager:
         self.free: deque[int] = deque(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.cache_hits = 0  # blocks reused from the prefix cache (cumulative)
+        self.cache_queries = 0  # full prompt blocks looked up in the prefix cache (cumulative)
 
     @property
     def num_free(self) -> int:
         return len(self.free)
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def usage(self) -> float:
+        """Share of the pool held by live sequences (free blocks that keep a cached prefix count as free)."""
+        return 1.0 - self.num_free / max(self.num_blocks, 1)
+
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     @staticmethod
     def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
@@ -107,7 +69,9 @@ class BlockManager:
         for i in range(self.blocks_needed(len(tokens))):
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
             cached = None
-            if hits and len(chunk) == bs and (i + 1) * bs <= len(tokens) - 1:
+            shareable = len(chunk) == bs and (i + 1) * bs <= len(tokens) - 1
+            self.cache_queries += shareable
+            if hits and shareable:
                 h = self.chain_hash(prev, chunk)
                 cached = self.hash_to_block.get(h)
                 if cached is not None and self.blocks[cached].token_ids != chunk:
@@ -175,6 +139,3 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and h not in self.hash_to_block:
                 self._register(block, h, chunk)
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -1,260 +1,362 @@
-"""LLM: the engine facade (vLLM-style API).
+"""The engine: one background thread owns the devices and steps the scheduler; everything else (LLM.generate,
+LLM.stream, the HTTP server, RL rollouts) is a client that adds requests and reads its own output stream.
 
-    llm = LLM("/models/Qwen3-0.6B", max_model_len=4096)
-    outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
-    outs[0].text, outs[0].token_ids, outs[0].finish_reason
+    engine = Engine(config, params, tokenizer, rules, ...)
+    stream = engine.add_request([1, 2, 3], SamplingParams(max_tokens=8), stream=True)
+    for delta in stream:            # StreamDelta: index, text, token_ids, logprobs, finish_reason
+        ...
+    stream.output                   # RequestOutput, once the iteration ends
 
-The loop is plain Python: schedule a step (scheduler.py), run it (runner.py), append the sampled tokens,
-and finish the sequences that hit EOS, a stop token or string, max_tokens or max_model_len.
+Requests enter through a thread-safe command queue (`add_request`, `abort_request`); the loop takes them
+between steps. A stream that is closed or garbage-collected aborts its request, which frees its blocks at
+the next step. A bad request (empty or over-long prompt, out-of-vocabulary ids, bad sampling parameter)
+raises RequestError in the caller's thread and never reaches the loop.
+
+One step: schedule (scheduler.py), run (runner.py), append the sampled tokens (scheduler.postprocess),
+then detokenize, check stop strings and hand each request its new pieces.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import itertools
+import logging
+import queue
+import threading
 import time
-from typing import Iterator, Sequence as Seq
+import traceback
+from typing import Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-import qwen_jax
-from infer.block_manager import BlockManager, Sequence, Status
+from infer.detokenizer import Detokenizer
 from infer.runner import ModelRunner
 from infer.sampling import SamplingParams
 from infer.scheduler import Scheduler
-from qwen_jax.errors import ConfigError, RequestError
+from infer.sequence import Sequence
+from qwen_jax.config import Qwen3Config
+from qwen_jax.errors import RequestError
+from qwen_jax.sharding import ShardingRules
+
+log = logging.getLogger("infer.engine")
 
 
-def device_memory_stats() -> dict | None:
-    """The first device's allocator statistics (None on CPU)."""
-    return jax.devices()[0].memory_stats()
+class EngineBusy(RequestError):
+    """The waiting queue is full (`max_waiting`): try again later."""
+
+
+class EngineStopped(RequestError):
+    """The engine is shutting down or has stopped: it takes no new requests."""
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int  # sample index (0 .. n-1)
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
+    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, chosen token first
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it, if any
 
 
 @dataclasses.dataclass
 class RequestOutput:
-    index: int
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None  # "stop", "length" or "error"
-    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, chosen token first
+    outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     error: str | None = None
+    index: int = 0  # position in the caller's prompt list (LLM.generate)
+
+    # The first sample, for the common n = 1 case.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text if self.outputs else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids if self.outputs else []
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason if self.outputs else "error"
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        return self.outputs[0].logprobs if self.outputs else None
 
 
-class LLM:
-    def __init__(self, model: str | None = None, *, tensor_parallel: int = 1, max_model_len: int | None = None,
-                 kv_cache_memory_fraction: float = 0.9, num_kv_blocks: int | None = None,
-                 kv_cache_gb: float = 1.0, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 1024, dtype: str | None = None, seed: int = 0,
-                 attn_impl: str = "auto"):
-        from qwen_jax.assets import DEFAULT_MODEL
+@dataclasses.dataclass
+class StreamDelta:
+    index: int  # sample index
+    text: str  # new text (settled: never revised)
+    token_ids: list[int]  # new tokens
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None = None
 
-        self.model_path = model or DEFAULT_MODEL
-        if tensor_parallel < 1 or tensor_parallel > jax.device_count():
-            raise ConfigError(f"tensor_parallel={tensor_parallel} but {jax.device_count()} device(s) are available")
-        if not 0 < kv_cache_memory_fraction <= 1:
-            raise ConfigError(f"kv_cache_memory_fraction must be in (0, 1], got {kv_cache_memory_fraction}")
-        mesh = qwen_jax.make_mesh(f"tensor={tensor_parallel}", devices=jax.devices()[:tensor_parallel])
-        self.rules = qwen_jax.ShardingRules(mesh)
-        on_cpu = jax.default_backend() == "cpu"
-        self.config, params = qwen_jax.load_pretrained(self.model_path, dtype=dtype or (None if on_cpu else "bfloat16"),
-                                                       mesh=mesh, progress=False)
-        self.dtype = jnp.dtype(dtype) if dtype else params["embed"].dtype
-        self.tokenizer = qwen_jax.load_tokenizer(self.model_path)
-        c = self.config
-        self.max_model_len = min(max_model_len or c.max_position_embeddings, c.max_position_embeddings)
-        if self.max_model_len < 2:
-            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        self.attn_impl = attn_impl
-        self.max_num_batched_tokens = max_num_batched_tokens
-        eos = set(self.tokenizer.eos_token_ids)
-        eos.update((c.eos_token_id,) if isinstance(c.eos_token_id, int) else (c.eos_token_id or ()))
-        self.eos_ids = frozenset(eos)
-        self.block_size = block_size
-        per_seq = -(-self.max_model_len // block_size)
-        num_blocks = num_kv_blocks or self._size_pool(params, kv_cache_gb, kv_cache_memory_fraction, max_num_seqs,
-                                                      per_seq)
-        if num_blocks < per_seq:
-            raise ConfigError(f"the KV pool ({num_blocks} blocks of {block_size}) cannot hold one sequence of "
-                              f"max_model_len={self.max_model_len}; lower max_model_len or give more memory")
-        self.num_blocks = num_blocks
-        self.max_num_seqs = max_num_seqs
-        self.runner = ModelRunner(c, params, self.rules, num_blocks, block_size, max_num_seqs, self.max_model_len,
-                                  self.dtype, attn_impl)
-        self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self._rng = np.random.default_rng(seed)
-        self._free_slots = list(range(max_num_seqs))
 
-    def _bytes_per_block(self) -> int:
-        c = self.config
-        tp = self.rules.mesh.shape["tensor"]
-        kv_heads = c.num_kv_heads // tp if c.num_kv_heads % tp == 0 else c.num_kv_heads
-        return 2 * c.num_layers * self.block_size * kv_heads * c.head_dim * self.dtype.itemsize
+_DONE = object()
 
-    def _size_pool(self, params, kv_cache_gb, fraction, max_num_seqs, per_seq) -> int:
-        """Blocks in the KV pool. On GPU: a warm-up runs the largest prefill step against a minimal pool, and
-        the pool gets `fraction` of the memory left at that step's peak. On CPU: `kv_cache_gb`, at most
-        enough for max_num_seqs full-length sequences."""
-        stats = device_memory_stats()
-        if stats and "bytes_limit" in stats:
-            probe = ModelRunner(self.config, params, self.rules, per_seq + 1, self.block_size, max_num_seqs,
-                                self.max_model_len, self.dtype, self.attn_impl)
-            seq = Sequence([0] * min(self.max_num_batched_tokens, self.max_model_len - 1), SamplingParams(), 0, 0)
-            seq.block_table = list(range(self.block_manager_blocks(len(seq))))
-            jax.block_until_ready(probe.run([(seq, len(seq))], BlockManager(per_seq + 1, self.block_size)))
-            stats = device_memory_stats()
-            peak = max(stats.get("peak_bytes_in_use", 0), stats["bytes_in_use"])
-            del probe
-            return max(int((stats["bytes_limit"] - peak) * fraction) // self._bytes_per_block(), 0)
-        budget = int(kv_cache_gb * 2**30) // self._bytes_per_block()
-        return max(min(budget, max_num_seqs * per_seq + 1), per_seq)
 
-    def block_manager_blocks(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+class RequestStream:
+    """A request's output, read by one client: iterate for StreamDeltas (if added with stream=True), or call
+    `result()`. Closing it (or dropping it) before the end aborts the request."""
 
-    # ------------------------------------------------------------------ requests
-    def _make_sequences(self, prompts, params_list) -> tuple[list[Sequence], dict[int, RequestOutput]]:
-        seqs, errors = [], {}
-        V = self.config.vocab_size
-        for i, (prompt, sp) in enumerate(zip(prompts, params_list)):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-            err = None
-            if not ids:
-                err = "empty prompt"
-            elif len(ids) >= self.max_model_len:
-                err = f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}"
-            elif min(ids) < 0 or max(ids) >= V:
-                bad = next(t for t in ids if t < 0 or t >= V)
-                err = f"token id {bad} is outside the vocabulary [0, {V})"
-            if err:
-                errors[i] = RequestOutput(i, prompt if isinstance(prompt, str) else None, ids, [], "", "error",
-                                          error=err)
-                continue
-            seed = sp.seed if sp.seed is not None else int(self._rng.integers(2**32))
-            seqs.append(Sequence(ids, sp, seed, i))
-        return seqs, errors
+    def __init__(self, engine: "Engine", request_id: str, sink=None):
+        self._engine, self.request_id = engine, request_id
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._put = sink or self._q.put  # where the engine thread delivers this request's items
+        self.output: RequestOutput | None = None
 
-    def _params_list(self, n, sampling_params) -> list[SamplingParams]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * n
-        if len(sampling_params) != n:
-            raise RequestError(f"{len(sampling_params)} sampling params for {n} prompts")
-        for sp in sampling_params:
-            sp.validate()
-        return list(sampling_params)
+    @property
+    def finished(self) -> bool:
+        return self.output is not None
 
-    # ------------------------------------------------------------------ the loop
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        sp = seq.params
-        if (token in self.eos_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
-            return "stop"
-        if sp.stop:
-            text = self.tokenizer.decode(seq.output_ids)
-            hits = [text.find(s) for s in sp.stop if s in text]
-            if hits:
-                seq.text = text[:min(hits)]  # the output, cut before the stop string
-                return "stop"
-        if len(seq.output_ids) >= sp.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
+    def __iter__(self) -> Iterator[StreamDelta]:
+        while self.output is None:
+            item = self._q.get()
+            if isinstance(item, RequestOutput):
+                self.output = item
+            else:
+                yield item
 
-    def _steps(self, seqs: list[Sequence]) -> Iterator[tuple[list[Sequence], int]]:
-        """Run until every sequence finishes; yields (sequences finished this step, tokens generated)."""
-        for seq in seqs:
-            self.scheduler.add(seq)
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """Wait for the final output (deltas are skipped). TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.output is None:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            try:
+                item = self._q.get(timeout=left)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.request_id} not finished after {timeout} s") from None
+            if isinstance(item, RequestOutput):
+                self.output = item
+        return self.output
+
+    def close(self) -> None:
+        if self.output is None:
+            self._engine.abort_request(self.request_id)
+
+    def __del__(self):
         try:
-            yield from self._loop()
-        finally:  # an abandoned stream or an exception: release what unfinished requests hold
-            for seq in seqs:
-                if seq.status != Status.FINISHED:
-                    self.scheduler.abort(seq)
-                    if seq.slot >= 0:
-                        self._free_slots.append(seq.slot)
-                        seq.slot = -1
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
-    def _loop(self) -> Iterator[tuple[list[Sequence], int]]:
-        while not self.scheduler.done:
-            batch, _ = self.scheduler.schedule()
-            for seq, _ in batch:
-                if seq.slot < 0:
-                    seq.slot = self._free_slots.pop()
-                    if seq.params.uses_penalties:
-                        self.runner.reset_slot(seq)
-            tokens, chosen, top_ids, top_lp, valid = self.runner.run(batch, self.block_manager)
-            finished, generated = [], 0
-            for r, (seq, k) in enumerate(batch):
-                seq.num_computed += k
-                self.block_manager.commit(seq)
-                if not valid[r]:
-                    continue
-                token = int(tokens[r])
-                seq.output_ids.append(token)
-                generated += 1
-                if seq.params.logprobs is not None:
-                    lp = {token: float(chosen[r])}
-                    lp.update((int(t), float(v)) for t, v in zip(top_ids[r][:seq.params.logprobs],
-                                                                 top_lp[r][:seq.params.logprobs]) if int(t) != token)
-                    seq.logprobs.append(lp)
-                reason = self._finish_reason(seq, token)
-                if reason:
-                    seq.finish_reason = reason
-                    self.scheduler.finish(seq)
-                    self._free_slots.append(seq.slot)
-                    finished.append(seq)
-            yield finished, generated
 
-    def _output(self, seq: Sequence, prompt) -> RequestOutput:
-        text = seq.text if seq.text is not None else self.tokenizer.decode(seq.output_ids)
-        return RequestOutput(seq.index, prompt if isinstance(prompt, str) else None, seq.prompt_ids,
-                             list(seq.output_ids), text, seq.finish_reason,
-                             seq.logprobs if seq.params.logprobs is not None else None, seq.num_cached)
+class _Request:
+    def __init__(self, rid: str, prompt, prompt_ids: list[int], params: SamplingParams, seqs: list[Sequence],
+                 detoks: list[Detokenizer], stream: RequestStream, streaming: bool, notify, index: int):
+        self.id, self.prompt, self.prompt_ids, self.params = rid, prompt, prompt_ids, params
+        self.seqs, self.detoks, self.stream, self.streaming = seqs, detoks, stream, streaming
+        self.notify, self.index = notify, index
+        self.stop_reasons: list[str | int | None] = [None] * len(seqs)
 
-    def generate(self, prompts: str | Seq[int] | list, sampling_params=None, use_tqdm: bool = True
-                 ) -> list[RequestOutput]:
-        """Generate for prompts (strings or token-id lists). Invalid sampling parameters raise RequestError
-        before any work; a bad prompt gets finish_reason "error" and an `error` message, alone."""
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                              and isinstance(prompts[0], int))
-        prompts = [prompts] if single else list(prompts)
-        params = self._params_list(len(prompts), sampling_params)
-        seqs, outputs = self._make_sequences(prompts, params)
-        bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm or None, dynamic_ncols=True)
-        bar.update(len(outputs))
-        t0, total = time.perf_counter(), 0
-        with contextlib.closing(self._steps(seqs)) as steps:
-            for finished, generated in steps:
-                total += generated
-                for seq in finished:
-                    outputs[seq.index] = self._output(seq, prompts[seq.index])
-                if finished:
-                    bar.update(len(finished))
-                    bar.set_postfix(tok_s=f"{total / max(time.perf_counter() - t0, 1e-9):,.0f}")
-        bar.close()
-        return [outputs[i] for i in range(len(prompts))]
 
-    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion's text as it grows (one request). Raises RequestError for a bad prompt."""
-        params = self._params_list(1, sampling_params)
-        seqs, errors = self._make_sequences([prompt], params)
-        if errors:
-            raise RequestError(errors[0].error)
-        seq, emitted = seqs[0], ""
-        with contextlib.closing(self._steps(seqs)) as steps:
-            for finished, _ in steps:
-                text = self._output(seq, prompt).text if finished else self.tokenizer.decode(seq.output_ids)
-                if seq.params.stop and not finished:
-                    text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop))]  # a stop may be forming
-                if text.endswith("\ufffd") and not finished:
-                    continue  # an incomplete multi-byte character
-                if len(text) > len(emitted) and text.startswith(emitted):
-                    yield text[len(emitted):]
-                    emitted = text
-        self.last_finish_reason = seq.finish_reason
+class Engine:
+    def __init__(self, config: Qwen3Config, params, tokenizer, rules: ShardingRules, *, max_model_len: int,
+                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
+                 num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9,
+                 kv_cache_gb: float = 1.0, dtype=None, attn_impl: str = "auto", seed: int = 0,
+                 max_waiting: int | None = None):
+        self.config, self.tokenizer, self.max_model_len = config, tokenizer, max_model_len
+        eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
+        eos.update((config.eos_token_id,) if isinstance(config.eos_token_id, int) else (config.eos_token_id or ()))
+        self.eos_ids = frozenset(eos)
+        self.runner = ModelRunner(config, params, rules, block_size, max_num_seqs, max_model_len,
+                                  max_num_batched_tokens, dtype, attn_impl, num_kv_blocks, kv_cache_memory_fraction,
+                                  kv_cache_gb)
+        self.scheduler = Scheduler(self.runner.num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
+                                   max_model_len, self.eos_ids)
+        self.max_waiting = max_waiting
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()  # guards _rng, the id counter and the counters below
+        self._ids = itertools.count()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}  # owned by the loop thread
+        self._pending = 0  # requests added and not yet finished
+        self.counters = {"requests_finished": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self._accepting = True
+        self._stop = threading.Event()
+        self.error: str | None = None  # set if the loop died (a bug): every request then fails
+        self._thread = threading.Thread(target=self._loop, name="infer-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client side (any thread)
+    def add_request(self, prompt, params: SamplingParams | None = None, *, stream: bool = False,
+                    request_id: str | None = None, notify: queue.SimpleQueue | None = None,
+                    index: int = 0, sink=None) -> RequestStream:
+        """Queue a request: `prompt` is a string or a list of token ids. With stream=True the returned stream
+        yields StreamDeltas. `notify`, if given, receives the request id when the request ends. `sink`, if
+        given, receives every delta and the final output instead of the stream's own queue (called from the
+        engine thread: the asyncio server passes loop.call_soon_threadsafe)."""
+        params = (params or SamplingParams()).validate()
+        if not self._accepting or self.error:
+            raise EngineStopped(self.error or "the engine is shutting down")
+        ids = self._prompt_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer (the engine runs without one)")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        with self._lock:
+            if self.max_waiting is not None and self._pending - len(self.scheduler.running) >= self.max_waiting:
+                raise EngineBusy(f"too many requests waiting ({self.max_waiting}); retry later")
+            rid = request_id or f"req-{next(self._ids)}"
+            base = params.seed if params.seed is not None else int(self._rng.integers(2**32))
+            self._pending += 1
+        seeds = [base] + [int(np.random.SeedSequence([base, i]).generate_state(1)[0]) for i in range(1, params.n)]
+        first = Sequence(ids, params, seeds[0], max_tokens, rid, 0)
+        seqs = [first] + [Sequence(ids, params, s, max_tokens, rid, i, parent=first) for i, s in enumerate(seeds[1:], 1)]
+        detoks = [Detokenizer(self.tokenizer, params.stop) for _ in seqs]
+        out = RequestStream(self, rid, sink)
+        self._commands.put(("add", _Request(rid, prompt, ids, params, seqs, detoks, out, stream, notify, index)))
+        return out
+
+    def abort_request(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs a tokenizer (the engine runs without one): send token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise RequestError("a prompt is a string or a list of token ids") from None
+        V = self.config.vocab_size
+        if not ids:
+            raise RequestError("empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} (the prompt "
+                               f"and at least one generated token must fit)")
+        bad = next((t for t in ids if t < 0 or t >= V), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {V})")
+        return ids
+
+    def stats(self) -> dict:
+        """A snapshot for metrics: requests running / waiting, KV usage, cumulative counters."""
+        s, bm = self.scheduler, self.scheduler.block_manager
+        running = len({q.request_id for q in list(s.running)})
+        return {"running": running, "waiting": max(self._pending - running, 0), "kv_usage": bm.usage,
+                "num_blocks": bm.num_blocks, "free_blocks": bm.num_free, "preemptions": s.num_preemptions,
+                "prefix_cache_queries": bm.cache_queries, "prefix_cache_hits": bm.cache_hits, **self.counters}
+
+    @property
+    def idle(self) -> bool:
+        return self._pending == 0
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until no request is in flight (aborts included); -> whether that happened within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.005)
+        return self._pending == 0
+
+    def shutdown(self, grace: float | None = 0.0) -> None:
+        """Stop taking requests; let running ones finish for up to `grace` seconds (None: as long as they
+        take), abort the rest, and stop the loop."""
+        self._accepting = False
+        deadline = None if grace is None else time.monotonic() + grace
+        while self._pending and self._thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.01)
+        self._stop.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout=60)
+
+    # ------------------------------------------------------------------ the loop (engine thread)
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._take_commands(block=self.scheduler.done)
+                if not self.scheduler.done:
+                    self._step()
+        except Exception as e:  # a bug: fail every request rather than hang their callers
+            self.error = f"engine error: {type(e).__name__}: {e}"
+            log.error("engine loop failed:\n%s", traceback.format_exc())
+        for req in list(self._requests.values()):
+            self._end(req, "abort" if self.error is None else "error", self.error)
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, arg = cmd
+            if kind == "add":
+                self._requests[arg.id] = arg
+                for seq in arg.seqs:
+                    self.scheduler.add(seq)
+                self.counters["prompt_tokens"] += len(arg.prompt_ids)
+            elif kind == "abort" and arg in self._requests:
+                self._end(self._requests[arg], "abort")
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        batch = self.scheduler.schedule()
+        tokens, chosen, top_ids, top_lp, valid = self.runner.run(batch)
+        rows = {seq.id: r for r, (seq, _) in enumerate(batch)}
+        sampled = self.scheduler.postprocess(batch, tokens, valid)
+        self.counters["steps"] += 1
+        self.counters["generation_tokens"] += len(sampled)
+        touched: dict[str, _Request] = {}
+        for seq in sampled:
+            req = self._requests[seq.request_id]
+            r, token = rows[seq.id], seq.output_ids[-1]
+            lp = None
+            if seq.params.logprobs is not None:
+                n = seq.params.logprobs
+                lp = {token: float(chosen[r])}
+                lp.update((int(t), float(v)) for t, v in zip(top_ids[r][:n], top_lp[r][:n]) if int(t) != token)
+                seq.logprobs.append(lp)
+            det = req.detoks[seq.index]
+            if seq.finished and seq.finish_reason == "stop" and token not in self.eos_ids:
+                req.stop_reasons[seq.index] = token
+            if req.streaming or seq.params.stop:
+                det.add(seq.output_ids)
+                if det.stopped and not seq.finished:
+                    self.scheduler.finish(seq, "stop")
+                    req.stop_reasons[seq.index] = det.stop_hit
+            if req.streaming:
+                text = det.finish(seq.output_ids) if seq.finished else det.release()
+                self._deliver(req, StreamDelta(seq.index, text, [token], [lp] if lp is not None else None,
+                                               seq.finish_reason))
+            touched[req.id] = req
+        for req in touched.values():
+            if all(s.finished for s in req.seqs):
+                self._end(req)
+
+    def _end(self, req: _Request, abort_reason: str | None = None, error: str | None = None) -> None:
+        """Deliver a request's final output and forget it; unfinished samples end with `abort_reason`."""
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, abort_reason or "abort")
+        outputs = []
+        for seq, det, stop in zip(req.seqs, req.detoks, req.stop_reasons):
+            det.finish(seq.output_ids)
+            outputs.append(CompletionOutput(seq.index, det.text, list(seq.output_ids),
+                                            seq.finish_reason, seq.logprobs if seq.params.logprobs is not None
+                                            else None, stop))
+        del self._requests[req.id]
+        self.counters["requests_finished"] += 1
+        with self._lock:
+            self._pending -= 1
+        self._deliver(req, RequestOutput(req.id, req.prompt if isinstance(req.prompt, str) else None,
+                                         req.prompt_ids, outputs, req.seqs[0].num_cached, error, req.index))
+        if req.notify is not None:
+            req.notify.put(req.id)
+
+    @staticmethod
+    def _deliver(req: _Request, item) -> None:
+        """Hand an item to the request's reader; a reader that fails (a closed event loop) is not the
+        engine's problem."""
+        try:
+            req.stream._put(item)
+        except Exception:
+            log.warning("request %s: could not deliver its output", req.id, exc_info=True)

@@ -19,9 +19,11 @@ import sys
 
 
 def parse_args(argv=None):
+    from infer.args import add_engine_args
+
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped small model)")
+    add_engine_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="one prompt, streamed to the terminal")
     src.add_argument("--prompts-file", default=None, help="JSONL of prompts (needs --output)")
@@ -43,16 +45,6 @@ def parse_args(argv=None):
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int, default=None, help="top-n logprobs per token in --output")
-    g = p.add_argument_group("engine")
-    g.add_argument("--tensor-parallel", type=int, default=1)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
-    g.add_argument("--kv-cache-memory-fraction", type=float, default=0.9, help="GPU: share of free memory for KV")
-    g.add_argument("--kv-cache-gb", type=float, default=1.0, help="CPU: KV pool budget in GiB")
-    g.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on GPU, the checkpoint's on CPU)")
     return p.parse_args(argv)
 
 
@@ -76,7 +68,7 @@ def _sampling(args, overrides: dict | None = None):
 def _read_prompts(path: str, llm, args):
     """-> [(the line's object, prompt text, sampling params)]."""
     from qwen_jax.errors import DataError, RequestError
-    from qwen_jax.jsonl import iter_jsonl
+    from qwen_jax.files import iter_jsonl
 
     items = []
     for n, obj in iter_jsonl(path):
@@ -98,21 +90,13 @@ def _read_prompts(path: str, llm, args):
 
 
 def _main(args) -> int:
-    from infer.engine import LLM
+    from infer.args import build_llm
     from qwen_jax.errors import ConfigError
 
     if args.prompts_file and not args.output:
         raise ConfigError("--prompts-file needs --output")
     sp = _sampling(args)
-    from qwen_jax.assets import DEFAULT_MODEL
-
-    if args.model is None:
-        print(f"(no --model: using the shipped small model {os.path.relpath(DEFAULT_MODEL)}, a 4M-parameter Qwen3 "
-              f"trained on Shakespeare)", file=sys.stderr)
-    llm = LLM(args.model, tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
-              kv_cache_memory_fraction=args.kv_cache_memory_fraction, num_kv_blocks=args.num_kv_blocks,
-              kv_cache_gb=args.kv_cache_gb, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype)
+    llm = build_llm(args)
     if args.prompts_file:
         items = _read_prompts(args.prompts_file, llm, args)
         outs = llm.generate([p for _, p, _ in items], [s for _, _, s in items])
@@ -140,16 +124,17 @@ def _main(args) -> int:
         prompt = llm.tokenizer.apply_chat_template(messages, enable_thinking=args.enable_thinking, tokenize=False)
     else:
         sys.stdout.write(prompt)
-    for piece in llm.stream(prompt, sp):
+    stream = llm.stream(prompt, sp)
+    for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(f"[finish_reason: {llm.last_finish_reason}]", file=sys.stderr)
+    print(f"[finish_reason: {stream.finish_reason}]", file=sys.stderr)
     return 0
 
 
 def main(argv=None) -> int:
-    from train.cli import run_cli
+    from qwen_jax.cli import run_cli
 
     return run_cli(lambda: _main(parse_args(argv)))
 

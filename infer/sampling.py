@@ -16,14 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_jax.errors import RequestError
+from qwen_jax.errors import RequestError, require
 
 MAX_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: up to the context length
+    n: int = 1  # samples of the prompt (the prompt is prefilled once and its blocks shared)
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -39,10 +40,11 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         def need(cond, msg):
-            if not cond:
-                raise RequestError(f"invalid sampling parameter: {msg}")
+            require(cond, f"invalid sampling parameter: {msg}", RequestError)
 
-        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        need(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128], got {self.n!r}")
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")

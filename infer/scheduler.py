@@ -1,4 +1,5 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Continuous batching: which sequences run in the next step, how many tokens each, and what happens to
+them after it. The scheduler owns the block manager and the sampler's penalty slots.
 
 A step is either a prefill step or a decode step (prefill first, as nano-vllm):
   * prefill: sequences still prefilling (a long prompt continues in chunks) and newly admitted ones, up to
@@ -6,22 +7,33 @@ A step is either a prefill step or a decode step (prefill first, as nano-vllm):
   * decode: one token for every running sequence. When the pool has no block for a sequence's next token,
     the most recently admitted sequence is preempted: its blocks are freed and it returns to the front of
     the queue, to be recomputed later. No request is ever dropped.
+Sample i > 0 of an n-sample request waits until its first sample's full prompt blocks are computed, then
+shares them through the prefix cache (reference counts), so the prompt is prefilled once.
+
+After a step, `postprocess` appends each sequence's sampled token, registers newly full blocks in the
+prefix cache, and finishes sequences that hit EOS, a stop token, their token budget or the context length.
+Stop strings are the engine's (they need text); it calls `finish`.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from infer.block_manager import BlockManager, Sequence, Status
+from infer.block_manager import BlockManager
+from infer.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.bm = block_manager
+    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_ids: frozenset[int] = frozenset()):
+        self.block_manager = BlockManager(num_blocks, block_size)
         self.max_num_seqs = max_num_seqs
         self.max_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_ids = eos_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.free_slots = list(range(max_num_seqs))
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -31,8 +43,18 @@ class Scheduler:
     def done(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self) -> tuple[list[tuple[Sequence, int]], bool]:
-        """-> ([(sequence, tokens this step)], is_prefill)."""
+    def _held(self, seq: Sequence) -> bool:
+        """Sample i > 0 waits (before its first admission) while its parent's full prompt blocks are not yet
+        computed, so that it finds them in the prefix cache."""
+        p = seq.parent
+        if p is None or seq.slot >= 0 or p.finished:
+            return False
+        bs = self.block_manager.block_size
+        return p.status != Status.RUNNING or p.num_computed < (len(p.prompt_ids) - 1) // bs * bs
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """-> [(sequence, tokens this step)]: a prefill step if anything is to prefill, else a decode step."""
+        bm = self.block_manager
         batch: list[tuple[Sequence, int]] = []
         budget = self.max_tokens
         for seq in self.running:
@@ -40,55 +62,79 @@ class Scheduler:
                 n = min(len(seq) - seq.num_computed, budget)
                 batch.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self.bm.can_allocate(seq):
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            self.waiting.popleft()
-            self.bm.allocate(seq)
+            if self._held(seq):
+                continue
+            if not bm.can_allocate(seq) or (seq.slot < 0 and not self.free_slots):
+                break
+            self.waiting.remove(seq)
+            bm.allocate(seq)
+            if seq.slot < 0:
+                seq.slot = self.free_slots.pop()
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed, budget)
             batch.append((seq, n))
             budget -= n
         if batch:
-            return batch, True
-        if self.waiting and not self.running:
+            return batch
+        if self.waiting and not self.running and not any(self._held(s) for s in self.waiting):
             raise RuntimeError("the KV pool cannot hold the next waiting sequence even when empty")
 
         decode: list[Sequence] = []
         queue = list(self.running)
         while queue and len(decode) < self.max_num_seqs:
             seq = queue.pop(0)
-            while not self.bm.can_append(seq):
+            while not bm.can_append(seq):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.bm.append_slot(seq)
+                bm.append_slot(seq)
                 decode.append(seq)
         self.running = decode + [s for s in queue if s.status == Status.RUNNING]
-        return [(s, 1) for s in decode], False
+        return [(s, 1) for s in decode]
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
-        self.bm.deallocate(seq)
+        self.block_manager.deallocate(seq)
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        seq.status = Status.FINISHED
-        self.bm.deallocate(seq)
-        self.running.remove(seq)
+    def postprocess(self, batch: list[tuple[Sequence, int]], tokens, valid) -> list[Sequence]:
+        """Record a step's results: every row's K/V are computed; rows that reached their end (`valid`) get
+        their sampled token. -> the sequences that received a token (finished ones are released)."""
+        sampled = []
+        for r, (seq, k) in enumerate(batch):
+            seq.num_computed += k
+            self.block_manager.commit(seq)
+            if not valid[r]:
+                continue
+            token = int(tokens[r])
+            seq.output_ids.append(token)
+            sampled.append(seq)
+            sp = seq.params
+            if (token in self.eos_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
+                self.finish(seq, "stop")
+            elif len(seq.output_ids) >= seq.max_tokens or len(seq) >= self.max_model_len:
+                self.finish(seq, "length")
+        return sampled
 
-    def abort(self, seq: Sequence) -> None:
-        """Drop an unfinished sequence (its caller went away), freeing its blocks."""
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish a sequence (done, or aborted: its caller went away) and release its blocks and slot."""
+        if seq.finished:
+            return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.bm.deallocate(seq)
+        self.block_manager.deallocate(seq)
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
         seq.status = Status.FINISHED
-        seq.finish_reason = seq.finish_reason or "abort"
+        seq.finish_reason = reason

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import CheckpointError
+from qwen_jax.files import write_json
 from qwen_jax.safetensors_io import SafetensorsFile, save_file
 
 # (HF key suffix under model.layers.{i}., param sub-path inside a layer group, kind, number of "in" dims)
@@ -380,9 +381,9 @@ def save_pretrained(path: str, config: Qwen3Config, params, tokenizer=None, dtyp
         return
     if n > 1:
         total = sum(it[3] for it in items)
-        _write_json(os.path.join(path, "model.safetensors.index.json"),
+        write_json(os.path.join(path, "model.safetensors.index.json"),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(os.path.join(path, "config.json"), config.to_hf_dict(dtype=_torch_dtype_name(out_dtype)))
+    write_json(os.path.join(path, "config.json"), config.to_hf_dict(dtype=_torch_dtype_name(out_dtype)))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
@@ -395,9 +396,3 @@ def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

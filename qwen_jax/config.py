@@ -16,7 +16,7 @@ import math
 import os
 from typing import Any
 
-from qwen_jax.errors import ConfigError
+from qwen_jax.errors import ConfigError, require
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 MODEL_TYPES = ("qwen3", "qwen3_moe")
@@ -109,46 +109,42 @@ class Qwen3Config:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
-        def need(cond: bool, msg: str):
-            if not cond:
-                raise ConfigError(msg)
-
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "max_position_embeddings"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                  f"config: {name} must be a positive integer, got {v!r}")
-        need(self.num_heads % self.num_kv_heads == 0,
+        require(self.num_heads % self.num_kv_heads == 0,
              f"config: num_attention_heads ({self.num_heads}) must be divisible by "
              f"num_key_value_heads ({self.num_kv_heads})")
-        need(self.head_dim % 2 == 0, f"config: head_dim must be even for RoPE, got {self.head_dim}")
-        need(self.rms_norm_eps > 0, f"config: rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        need(self.rope_theta > 0, f"config: rope_theta must be positive, got {self.rope_theta}")
-        need(self.decoder_sparse_step >= 1,
+        require(self.head_dim % 2 == 0, f"config: head_dim must be even for RoPE, got {self.head_dim}")
+        require(self.rms_norm_eps > 0, f"config: rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        require(self.rope_theta > 0, f"config: rope_theta must be positive, got {self.rope_theta}")
+        require(self.decoder_sparse_step >= 1,
              f"config: decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         if self.is_moe:
-            need(1 <= self.num_experts_per_tok <= self.num_experts,
+            require(1 <= self.num_experts_per_tok <= self.num_experts,
                  f"config: num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts "
                  f"({self.num_experts})]")
-            need(self.moe_intermediate_size > 0,
+            require(self.moe_intermediate_size > 0,
                  f"config: moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
             bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
-            need(not bad, f"config: mlp_only_layers has indices outside [0, {self.num_layers}): {bad}")
+            require(not bad, f"config: mlp_only_layers has indices outside [0, {self.num_layers}): {bad}")
         if not self.is_moe or any(not self.is_moe_layer(i) for i in range(self.num_layers)):
-            need(self.intermediate_size > 0,
+            require(self.intermediate_size > 0,
                  f"config: intermediate_size must be positive, got {self.intermediate_size}")
         rope = self.rope
         rtype = rope.get("rope_type")
-        need(rtype in ROPE_TYPES, f"config: unsupported rope type {rtype!r} (supported: {', '.join(ROPE_TYPES)})")
+        require(rtype in ROPE_TYPES, f"config: unsupported rope type {rtype!r} (supported: {', '.join(ROPE_TYPES)})")
         unknown = sorted(set(rope) - set(_ROPE_KEYS))
-        need(not unknown, f"config: unknown rope scaling keys {unknown}")
+        require(not unknown, f"config: unknown rope scaling keys {unknown}")
         if rtype in ("linear", "dynamic", "yarn"):
             f = rope.get("factor")
-            need(isinstance(f, (int, float)) and f >= 1.0,
+            require(isinstance(f, (int, float)) and f >= 1.0,
                  f"config: rope scaling type {rtype!r} needs factor >= 1, got {f!r}")
         if rtype == "yarn":
             omp = rope.get("original_max_position_embeddings")
-            need(isinstance(omp, int) and omp > 0,
+            require(isinstance(omp, int) and omp > 0,
                  f"config: yarn rope scaling needs a positive original_max_position_embeddings, got {omp!r}")
 
     # ------------------------------------------------------------ HF round trip

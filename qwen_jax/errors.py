@@ -22,3 +22,9 @@ class RequestError(QwenJaxError, ValueError):
 
 class DataError(QwenJaxError, ValueError):
     """A malformed or empty dataset."""
+
+
+def require(cond: bool, msg: str, error: type[QwenJaxError] = ConfigError) -> None:
+    """Raise `error(msg)` unless `cond`: the one validator behind every flag and parameter check."""
+    if not cond:
+        raise error(msg)

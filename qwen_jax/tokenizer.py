@@ -13,9 +13,20 @@ from typing import Any, Sequence
 from qwen_jax.errors import CheckpointError
 
 
+# Markers that are part of Qwen3's output text (reasoning and tool calls). Qwen3's own tokenizer does not
+# mark them special; some checkpoints (the shipped small one) do. Decoding keeps them either way.
+CONTENT_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
+
+
 class Tokenizer:
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
+        special = set(getattr(hf_tokenizer, "all_special_ids", ()))
+        for tok in getattr(hf_tokenizer, "added_tokens_decoder", {}).values():
+            if getattr(tok, "special", False):
+                special.add(hf_tokenizer.convert_tokens_to_ids(tok.content))
+        kept = {hf_tokenizer.convert_tokens_to_ids(m) for m in CONTENT_MARKERS}
+        self._skip = frozenset(special - kept)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -54,7 +65,11 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`. skip_special_tokens drops control tokens (end of turn, padding, ...) but keeps the
+        reasoning and tool-call markers, which are part of the model's answer."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._skip]
+        return self.hf.decode(list(ids), skip_special_tokens=False)
 
     @property
     def has_chat_template(self) -> bool:

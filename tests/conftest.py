@@ -1,4 +1,9 @@
-"""Test setup: 8 fake CPU devices (for sharding tests) and the tests dir on sys.path (`reference`)."""
+"""Test setup: 8 fake CPU devices (for sharding tests), the tests dir on sys.path (`reference`), and the one
+seeded random generator.
+
+Every random draw in the tests comes from the `rng` fixture (or from `seed`). The seed is fresh per test
+unless QWEN_JAX_TEST_SEED is set, and a failing test reports it: rerun with QWEN_JAX_TEST_SEED=<seed>.
+"""
 
 import os
 import sys
@@ -20,5 +25,23 @@ def rel_err(a, b) -> float:
 
 
 @pytest.fixture
-def rng():
-    return np.random.default_rng()
+def seed(request) -> int:
+    """This test's seed: QWEN_JAX_TEST_SEED, or a fresh one; reported if the test fails."""
+    env = os.environ.get("QWEN_JAX_TEST_SEED")
+    value = int(env) if env else int(np.random.SeedSequence().entropy % 2**32)
+    request.node.test_seed = value
+    return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    value = getattr(item, "test_seed", None)
+    if value is not None and report.failed:
+        report.sections.append(("random seed", f"rerun with QWEN_JAX_TEST_SEED={value}"))
+    return report

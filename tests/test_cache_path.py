@@ -14,10 +14,9 @@ BLOCK = 4
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(num_experts=8)])
-def test_prefill_then_decode_matches_full_forward(tmp_path, overrides):
+def test_prefill_then_decode_matches_full_forward(tmp_path, overrides, rng):
     _, src = build(tmp_path, num_hidden_layers=2, **overrides)
     cfg, params = qwen_jax.load_pretrained(src, progress=False)
-    rng = np.random.default_rng()
     lens = [11, 6]  # two sequences of different lengths, decoded together
     extra = 5
     total = [n + extra for n in lens]

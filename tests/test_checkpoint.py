@@ -33,11 +33,11 @@ def _hf_logits(path_or_model, ids):
     dict(tie_word_embeddings=False, attention_bias=True, head_dim=24),
     dict(num_experts=8, decoder_sparse_step=2, num_hidden_layers=3),
 ])
-def test_round_trip_hf_ours_hf(tmp_path, overrides):
+def test_round_trip_hf_ours_hf(tmp_path, overrides, rng):
     model, src = build(tmp_path / "src", **{**SMALL, **overrides})
     cfg, params = qwen_jax.load_pretrained(src, progress=False)
     qwen_jax.save_pretrained(tmp_path / "out", cfg, params, progress=False)
-    ids = np.random.default_rng().integers(0, cfg.vocab_size, (2, 11))
+    ids = rng.integers(0, cfg.vocab_size, (2, 11))
     np.testing.assert_array_equal(_hf_logits(str(tmp_path / "out"), ids), _hf_logits(model, ids))
     # And back: our reload of the export is bit-identical to the first load.
     cfg2, params2 = qwen_jax.load_pretrained(tmp_path / "out", progress=False)
@@ -46,7 +46,7 @@ def test_round_trip_hf_ours_hf(tmp_path, overrides):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sharded_files_load_and_export(tmp_path):
+def test_sharded_files_load_and_export(tmp_path, rng):
     model, _ = build(tmp_path / "single", num_experts=4, **SMALL)
     model.save_pretrained(tmp_path / "multi", max_shard_size="40KB")
     shutil.copy(tmp_path / "single" / "config.json", tmp_path / "multi" / "config.json")
@@ -61,7 +61,7 @@ def test_sharded_files_load_and_export(tmp_path):
     index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    ids = np.random.default_rng().integers(0, cfg.vocab_size, (1, 9))
+    ids = rng.integers(0, cfg.vocab_size, (1, 9))
     np.testing.assert_array_equal(_hf_logits(str(tmp_path / "ours"), ids), _hf_logits(model, ids))
 
 

@@ -17,7 +17,8 @@ from qwen_jax.lora import LoraConfig
 from qwen_jax.model import init_lora_params
 from train.data import RowDataset
 from train.preference import DPOConfig, DPOTask
-from train.trainer import TrainConfig, fit
+from train.config import TrainConfig
+from train.trainer import fit
 
 TC = TrainConfig(compute_dtype="float32", seq_len=24, ce_chunk=16)
 
@@ -72,7 +73,7 @@ def test_dpo_loss_rewards_and_gradients_match_pytorch(tmp_path, dpo, rng):
     cfg, policy = qwen_jax.load_pretrained(ppath, progress=False)
     _, ref = qwen_jax.load_pretrained(rpath, progress=False)
     batch = _pairs(rng, cfg.vocab_size)
-    task = DPOTask(cfg, TC, None, dpo)
+    task = DPOTask.of(cfg, TC, None, dpo)
     mb = jax.tree.map(jnp.asarray, batch)
     (loss, sums), grads = jax.value_and_grad(task.loss, has_aux=True)(policy, {"ref": ref}, mb, 3.0, 1)
 
@@ -131,7 +132,7 @@ def test_dpo_raises_held_out_reward_accuracy(tmp_path, lora_rank):
         trainable, frozen = init_lora_params(cfg, lora, jax.random.key(1)), {"base": params}
     else:
         trainable, frozen = params, {"ref": jax.tree.map(jnp.copy, params)}
-    task = DPOTask(cfg, tc, rules, DPOConfig(beta=0.5), lora)
+    task = DPOTask.of(cfg, tc, rules, DPOConfig(beta=0.5), lora)
     result = fit(cfg, tc, trainable, train_ds, eval_ds, str(tmp_path), rules, progress=False, task=task,
                  frozen=frozen)
     ev = result["eval"]

@@ -47,10 +47,9 @@ def _prompts(rng, lengths, vocab=320):
     return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
-def test_greedy_matches_transformers_single_and_batched(model_dir):
+def test_greedy_matches_transformers_single_and_batched(model_dir, rng):
     model, path = model_dir
     llm = LLM(path, max_model_len=128, num_kv_blocks=64, block_size=8, max_num_batched_tokens=64)
-    rng = np.random.default_rng()
     prompts = _prompts(rng, [5, 23, 11, 40, 1])  # mixed lengths; 80 tokens exceed one 64-token prefill step
     expected = [_hf_greedy(model, p, 40) for p in prompts]
     assert llm.generate(prompts[1], GREEDY, use_tqdm=False)[0].token_ids == expected[1]
@@ -59,46 +58,44 @@ def test_greedy_matches_transformers_single_and_batched(model_dir):
         assert out.token_ids == exp and out.finish_reason == "length"
 
 
-def test_chunked_prefill_and_preemption_under_pressure(dense_dir):  # scheduling is model-agnostic
+def test_chunked_prefill_and_preemption_under_pressure(dense_dir, rng):  # scheduling is model-agnostic
     model, path = dense_dir
-    rng = np.random.default_rng()
     n = 10
     prompts = _prompts(rng, rng.integers(1, 60, n).tolist())
     params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(5, 40, n)]
     # 13 blocks of 8 tokens: room for about two sequences at once; prefill chunks of 16 tokens.
     tight = LLM(path, max_model_len=100, num_kv_blocks=13, block_size=8, max_num_seqs=6, max_num_batched_tokens=16)
     outs = tight.generate(prompts, params, use_tqdm=False)
-    assert tight.scheduler.num_preemptions > 0
+    assert tight.stats()["preemptions"] > 0
     for out, p, sp in zip(outs, prompts, params):  # each equals the reference run on that prompt alone
         assert out.token_ids == _hf_greedy(model, p, sp.max_tokens)
-    assert tight.block_manager.num_free == 13  # everything was given back
+    assert tight.stats()["free_blocks"] == 13  # everything was given back
 
 
-def test_prefix_caching_reuses_blocks_and_gives_same_output(dense_dir):
+def test_prefix_caching_reuses_blocks_and_gives_same_output(dense_dir, rng):
     _, path = dense_dir
-    rng = np.random.default_rng()
     shared = _prompts(rng, [37])[0]
     a, b = shared + _prompts(rng, [5])[0], shared + _prompts(rng, [9])[0]
     llm = LLM(path, max_model_len=128, num_kv_blocks=64, block_size=8)
     llm.generate(a, GREEDY, use_tqdm=False)
-    hits = llm.block_manager.cache_hits
+    hits = llm.stats()["prefix_cache_hits"]
     out = llm.generate(b, GREEDY, use_tqdm=False)[0]
-    assert out.num_cached_tokens == 32 and llm.block_manager.cache_hits - hits == 4  # 4 full shared blocks
+    assert out.num_cached_tokens == 32 and llm.stats()["prefix_cache_hits"] - hits == 4  # 4 full shared blocks
     fresh = LLM(path, max_model_len=128, num_kv_blocks=64, block_size=8).generate(b, GREEDY, use_tqdm=False)[0]
     assert fresh.num_cached_tokens == 0 and out.token_ids == fresh.token_ids
 
 
 @pytest.mark.parametrize("kind,kv_heads", [("moe", 4), ("dense", 2)])
-def test_sharded_engine_matches_unsharded(tmp_path, kind, kv_heads):
+def test_sharded_engine_matches_unsharded(tmp_path, kind, kv_heads, rng):
     extra = dict(num_experts=8) if kind == "moe" else {}
     _, path = build(tmp_path, vocab_size=320, num_hidden_layers=2, num_attention_heads=8,
                     num_key_value_heads=kv_heads, max_position_embeddings=256, **extra)
     build_tokenizer(tmp_path)
-    prompts = _prompts(np.random.default_rng(), [7, 30, 12])
+    prompts = _prompts(rng, [7, 30, 12])
     one = LLM(path, max_model_len=128, num_kv_blocks=64).generate(prompts, GREEDY, use_tqdm=False)
     four = LLM(path, max_model_len=128, num_kv_blocks=64, tensor_parallel=4)
     # KV pool [L, blocks, block_size, kv_heads, head_dim]: kv heads on `tensor` when 4 divides them
-    assert four.runner.cache["k"].sharding.spec[3] == ("tensor" if kv_heads == 4 else None)
+    assert four.engine.runner.cache["k"].sharding.spec[3] == ("tensor" if kv_heads == 4 else None)
     assert [o.token_ids for o in four.generate(prompts, GREEDY, use_tqdm=False)] == [o.token_ids for o in one]
 
 
@@ -149,7 +146,8 @@ def test_abandoned_stream_releases_its_blocks(dense_dir):
     stream = llm.stream([5, 6, 7], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     next(stream)
     stream.close()  # the caller stops listening mid-generation
-    assert llm.block_manager.num_free == 32 and llm.scheduler.done and len(llm._free_slots) == llm.max_num_seqs
+    assert llm.engine.wait_idle(30)
+    assert llm.stats()["free_blocks"] == 32 and llm.stats()["running"] == 0
     assert llm.generate([5, 6, 7], GREEDY, use_tqdm=False)[0].finish_reason == "length"
 
 
@@ -179,7 +177,7 @@ def test_cli_stream_and_batch_file(dense_dir, tmp_path):
 
 def test_gpu_pool_sizing_runs_a_warmup_and_uses_the_memory_left(dense_dir, monkeypatch):
     """The GPU path (device memory statistics present), exercised on CPU with stated statistics."""
-    import infer.engine as engine
+    import infer.runner as runner
 
     calls = []
 
@@ -187,9 +185,82 @@ def test_gpu_pool_sizing_runs_a_warmup_and_uses_the_memory_left(dense_dir, monke
         calls.append(1)
         return {"bytes_limit": 64 * 2**20, "bytes_in_use": 10 * 2**20, "peak_bytes_in_use": 24 * 2**20}
 
-    monkeypatch.setattr(engine, "device_memory_stats", fake_stats)
+    monkeypatch.setattr(runner, "device_memory_stats", fake_stats)
     _, path = dense_dir
     llm = LLM(path, max_model_len=128, kv_cache_memory_fraction=0.5, max_num_batched_tokens=64)
     assert len(calls) == 2  # before and after the warm-up step
-    assert llm.num_blocks == int((64 - 24) * 2**20 * 0.5) // llm._bytes_per_block()
+    assert llm.num_blocks == int((64 - 24) * 2**20 * 0.5) // llm.engine.runner.bytes_per_block()
     assert llm.generate([5, 6, 7], GREEDY, use_tqdm=False)[0].finish_reason == "length"
+
+
+def test_concurrent_generate_calls_each_get_their_solo_output(dense_dir, rng):
+    """4 threads call generate at once on one LLM: each gets exactly its own (solo) outputs."""
+    import threading
+
+    _, path = dense_dir
+    llm = LLM(path, max_model_len=96, num_kv_blocks=96, block_size=8)
+    jobs = [_prompts(rng, rng.integers(2, 30, 3).tolist()) for _ in range(4)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    solo = [[o.token_ids for o in llm.generate(j, sp, use_tqdm=False)] for j in jobs]
+    got, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            got[i] = [o.token_ids for o in llm.generate(jobs[i], sp, use_tqdm=False)]
+        except Exception as e:  # reported below: an exception in a thread must fail the test
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors and got == solo
+
+
+def test_abandoned_stream_then_generate_gives_the_solo_output(dense_dir):
+    _, path = dense_dir
+    llm = LLM(path, max_model_len=128, num_kv_blocks=64)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    solo = [o.token_ids for o in llm.generate([[5, 6, 7], [9, 10]], sp, use_tqdm=False)]
+    stream = llm.stream([11, 12, 13], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    next(stream)
+    del stream  # dropped without close(): garbage collection aborts it
+    assert [o.token_ids for o in llm.generate([[5, 6, 7], [9, 10]], sp, use_tqdm=False)] == solo
+    assert llm.engine.wait_idle(30) and llm.stats()["free_blocks"] == 64
+
+
+def test_n_samples_share_the_prompt_and_repeat_with_a_seed(dense_dir, rng):
+    _, path = dense_dir
+    llm = LLM(path, max_model_len=128, num_kv_blocks=64, block_size=8)
+    prompt = _prompts(rng, [30])[0]  # 3 full blocks before the last prompt token
+    sp = SamplingParams(temperature=1.0, max_tokens=8, n=3, seed=11, ignore_eos=True)
+    hits = llm.stats()["prefix_cache_hits"]
+    a = llm.generate(prompt, sp, use_tqdm=False)[0]
+    assert llm.stats()["prefix_cache_hits"] - hits == 2 * 3  # samples 1 and 2 reuse sample 0's 3 blocks
+    b = llm.generate(prompt, sp, use_tqdm=False)[0]
+    assert len(a.outputs) == 3 and [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # each sample has its own seed stream
+    one = llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=8, seed=11, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert one.token_ids == a.outputs[0].token_ids  # sample 0 is the n = 1 output of the same seed
+
+
+def test_tokenizer_elsewhere_token_ids_only_and_max_tokens_none(dense_dir, tmp_path):
+    import shutil
+
+    _, path = dense_dir
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in os.listdir(path):
+        if f in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(path, f), bare / f)
+    with_tok = LLM(str(bare), tokenizer=path, max_model_len=64, num_kv_blocks=16)
+    assert with_tok.generate("Hello", GREEDY, use_tqdm=False)[0].finish_reason == "length"
+    ids_only = LLM(str(bare), skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=16)
+    out = ids_only.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                            use_tqdm=False)[0]
+    assert len(out.token_ids) == 64 - 3 and out.finish_reason == "length" and out.text == ""  # to the context end
+    bad = ids_only.generate(["a text prompt", [5, 6]], GREEDY, use_tqdm=False)
+    assert bad[0].finish_reason == "error" and "needs a tokenizer" in bad[0].error
+    assert bad[1].error is None

@@ -14,14 +14,11 @@ from reference.hf_models import build
 import qwen_jax
 from qwen_jax import lora as L
 from qwen_jax.model import init_lora_params
-from train.trainer import (
-    LMTask,
-    TrainConfig,
-    init_state,
-    make_optimizer,
-    make_train_step,
-    put_batch,
-)
+from train.config import TrainConfig
+from train.optim import make_optimizer
+from train.placement import put_batch
+from train.tasks import LMTask
+from train.trainer import init_state, make_train_step
 
 
 def _perturbed(adapters, seed=0, std=0.3):
@@ -36,12 +33,12 @@ def _perturbed(adapters, seed=0, std=0.3):
     (dict(attention_bias=True), ("q", "v", "down")),
     (dict(num_experts=8, mlp_only_layers=[1]), L.LORA_TARGETS),  # MoE layers: attention only; layer 1 dense
 ], ids=["dense-all", "biased-qv-down", "moe"])
-def test_merged_export_matches_adapter_model(tmp_path, overrides, targets):
+def test_merged_export_matches_adapter_model(tmp_path, overrides, targets, rng):
     _, path = build(tmp_path / "base", num_hidden_layers=2, **overrides)
     cfg, base = qwen_jax.load_pretrained(path, progress=False)
     lora = L.LoraConfig(rank=4, alpha=8.0, targets=targets)
     adapters = init_lora_params(cfg, lora, jax.random.key(1))
-    ids = np.random.default_rng().integers(0, cfg.vocab_size, (2, 19))
+    ids = rng.integers(0, cfg.vocab_size, (2, 19))
 
     plain = qwen_jax.forward(cfg, base, ids).logits
     fresh = qwen_jax.forward(cfg, L.combine(base, adapters), ids, lora=lora).logits
@@ -70,7 +67,7 @@ def test_lora_training_changes_only_adapters_and_lowers_loss(tmp_path):
     opt = make_optimizer(tc)
     state = init_state(init_lora_params(cfg, lora, jax.random.key(0)), opt, 0)
     assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, state["opt_state"]))) <= {0, 3, 4}  # adapters only
-    step = make_train_step(cfg, tc, opt, rules, task=LMTask(cfg, tc, rules, lora))
+    step = make_train_step(cfg, tc, opt, rules, task=LMTask.of(cfg, tc, rules, lora))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 4, 17)).astype(np.int32)
     batch = put_batch({"tokens": tokens, "segment_ids": np.ones_like(tokens)}, rules, lead=1)
     losses = []
@@ -97,7 +94,7 @@ def test_sharded_lora_step_matches_unsharded(tmp_path):
         opt = make_optimizer(tc)
         state = init_state(adapters, opt, 0)
         shardings = jax.tree.map(lambda x: x.sharding, state)
-        step = make_train_step(cfg, tc, opt, rules, shardings, task=LMTask(cfg, tc, rules, lora))
+        step = make_train_step(cfg, tc, opt, rules, shardings, task=LMTask.of(cfg, tc, rules, lora))
         batch = put_batch({"tokens": tokens, "segment_ids": np.ones_like(tokens)}, rules, lead=1)
         for _ in range(2):
             state, metrics = step(state, batch, {"base": base})

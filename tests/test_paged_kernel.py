@@ -182,7 +182,7 @@ def test_self_check_passes_a_working_kernel_and_rejects_a_broken_one(monkeypatch
         assert check("flash", "bfloat16", 64, True) is False
 
 
-def test_model_cache_path_with_pallas_paged_attention(tmp_path):
+def test_model_cache_path_with_pallas_paged_attention(tmp_path, rng):
     """Prefill then decode through the model's paged-cache path with attn_impl="pallas" (interpret mode)
     equals the same steps with attn_impl="xla", in bf16."""
     import torch
@@ -194,7 +194,6 @@ def test_model_cache_path_with_pallas_paged_attention(tmp_path):
     _, path = build(tmp_path, seed=5, dtype=torch.bfloat16, num_hidden_layers=1, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=64)
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
-    rng = np.random.default_rng()
     BS, lens, extra = 16, [21, 6], 1
     seqs = [rng.integers(0, cfg.vocab_size, n + extra) for n in lens]
     max_blocks = -(-(max(lens) + extra) // BS)

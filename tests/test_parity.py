@@ -38,11 +38,11 @@ def _run_both(model, cfg, params, ids):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fp32_parity(tmp_path, name):
+def test_fp32_parity(tmp_path, name, rng):
     model, path = build(tmp_path, seed=len(name), **CONFIGS[name])
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
     assert params["embed"].dtype == jnp.float32
-    ids = np.random.default_rng().integers(0, cfg.vocab_size, (2, SEQ)).astype(np.int32)
+    ids = rng.integers(0, cfg.vocab_size, (2, SEQ)).astype(np.int32)
     ref, out = _run_both(model, cfg, params, ids)
     # The random weights make logits large enough that errors show.
     assert np.abs(ref.logits.numpy()).max() > 2.0
@@ -64,7 +64,7 @@ def test_fp32_parity(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["gqa2_headdim24_bias", "moe_norm_topk"])
-def test_bf16_parity(tmp_path, name):
+def test_bf16_parity(tmp_path, name, rng):
     """bf16 weights and compute on both sides: logits within BF16_TOL of the max logit.
 
     MoE in bf16: the router logits are rounded to bf16 on both sides (as in HF), so a near-tie can pick a
@@ -75,7 +75,7 @@ def test_bf16_parity(tmp_path, name):
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
     assert params["embed"].dtype == jnp.bfloat16
     B, T = 2, 24
-    ids = np.random.default_rng().integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    ids = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     with torch.no_grad():
         ref = model(torch.tensor(ids), output_router_logits=cfg.is_moe)
     out = jax.jit(lambda p, x: qwen_jax.forward(cfg, p, x))(params, jnp.asarray(ids))
@@ -100,11 +100,11 @@ def test_bf16_parity(tmp_path, name):
     assert np.abs(ours - theirs).max(-1)[valid].max() / scale <= BF16_TOL
 
 
-def test_bf16_compute_from_fp32_params(tmp_path):
+def test_bf16_compute_from_fp32_params(tmp_path, rng):
     """fp32 master weights with bf16 compute stay close to the fp32 reference."""
     model, path = build(tmp_path, seed=5, **CONFIGS["gqa4"])
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
-    ids = np.random.default_rng().integers(0, cfg.vocab_size, (1, 16)).astype(np.int32)
+    ids = rng.integers(0, cfg.vocab_size, (1, 16)).astype(np.int32)
     with torch.no_grad():
         ref = model(torch.tensor(ids)).logits.numpy()
     out = qwen_jax.forward(cfg, params, jnp.asarray(ids), dtype=jnp.bfloat16).logits
@@ -112,10 +112,9 @@ def test_bf16_compute_from_fp32_params(tmp_path):
     assert rel_err(out, ref) <= BF16_TOL
 
 
-def test_remat_and_segments_do_not_change_results(tmp_path):
+def test_remat_and_segments_do_not_change_results(tmp_path, rng):
     model, path = build(tmp_path, seed=7, **CONFIGS["moe_norm_topk"])
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
-    rng = np.random.default_rng()
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
 
     def loss(p, remat):

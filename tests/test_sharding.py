@@ -43,10 +43,10 @@ def test_rules_replicate_dims_the_axis_does_not_divide():
     ("fsdp=2,tensor=4", dict(num_experts=8, tie_word_embeddings=True)),
     ("expert=4,data=2", dict(num_experts=8)),
 ])
-def test_sharded_forward_equals_unsharded(tmp_path, mesh_spec, overrides):
+def test_sharded_forward_equals_unsharded(tmp_path, mesh_spec, overrides, rng):
     _, src = build(tmp_path, num_hidden_layers=2, **overrides)
     cfg, params = qwen_jax.load_pretrained(src, progress=False)
-    ids = jnp.asarray(np.random.default_rng().integers(0, cfg.vocab_size, (4, 16)), jnp.int32)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 16)), jnp.int32)
     ref = jax.jit(lambda p, x: qwen_jax.forward(cfg, p, x).logits)(params, ids)
 
     rules = ShardingRules(make_mesh(mesh_spec))

@@ -9,7 +9,8 @@ import qwen_jax
 from conftest import rel_err
 from qwen_jax.assets import DEFAULT_MODEL
 from train import data as D
-from train.trainer import TrainConfig, evaluate, make_eval_step
+from train.config import TrainConfig
+from train.trainer import evaluate, make_eval_step
 from qwen_jax.sharding import ShardingRules, make_mesh
 
 

@@ -37,7 +37,7 @@ def test_read_errors_name_file_and_line(tmp_path):
 def test_pack_and_positions():
     import jax.numpy as jnp
 
-    from train.trainer import positions_from_segments
+    from train.tasks import positions_from_segments
 
     docs = [np.arange(1, 6), np.arange(10, 13), np.arange(20, 28)]  # 5 + 3 + 8 = 16 tokens
     tokens, seg = D.pack(docs, 6)
@@ -87,13 +87,12 @@ def test_bpe_tokenizer_has_qwen_specials_and_template(tmp_path):
     assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def test_chunked_cross_entropy_and_z_loss_match_direct():
+def test_chunked_cross_entropy_and_z_loss_match_direct(rng):
     import jax
     import jax.numpy as jnp
 
     from train.losses import chunked_cross_entropy
 
-    rng = np.random.default_rng()
     h = jnp.asarray(rng.standard_normal((37, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((16, 50)), jnp.float32)
     t = jnp.asarray(rng.integers(0, 50, 37))

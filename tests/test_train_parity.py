@@ -14,8 +14,11 @@ from conftest import rel_err
 from qwen_jax.checkpoint import hf_state_dict
 from qwen_jax.sharding import ShardingRules, make_mesh
 from reference.hf_models import build, checkpoint_layout
-from train.trainer import (TrainConfig, init_state, lm_loss_terms, lr_schedule, make_optimizer, make_train_step,
-                           put_batch, state_shardings)
+from train.config import TrainConfig
+from train.optim import lr_schedule, make_optimizer
+from train.placement import put_batch
+from train.tasks import ForwardOptions, lm_loss_terms
+from train.trainer import init_state, make_train_step, state_shardings
 
 TC = TrainConfig(steps=5, seq_len=16, batch_size=2, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.1,
                  clip_norm=1.0, compute_dtype="float32", ce_chunk=8)
@@ -35,15 +38,15 @@ def _torch_loss(model, tokens, coef=None):
 
 
 @pytest.mark.parametrize("overrides", [dict(tie_word_embeddings=True), dict(num_experts=8, norm_topk_prob=False)])
-def test_loss_and_gradients_match_pytorch(tmp_path, overrides):
+def test_loss_and_gradients_match_pytorch(tmp_path, overrides, rng):
     model, path = build(tmp_path, num_hidden_layers=2, **overrides)
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
-    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (2, 17))
+    tokens = rng.integers(0, cfg.vocab_size, (2, 17))
     batch = {"tokens": jnp.asarray(tokens, jnp.int32), "segment_ids": jnp.ones((2, 17), jnp.int32)}
     coef = cfg.router_aux_loss_coef if cfg.is_moe else None
 
     def objective(p):
-        ce, _, aux, n = lm_loss_terms(cfg, TC, p, batch, None)
+        ce, _, aux, n = lm_loss_terms(cfg, p, batch, ForwardOptions.of(TC, None))
         return ce / n + (coef * aux if coef else 0.0)
 
     loss, grads = jax.value_and_grad(objective)(params)
@@ -64,11 +67,10 @@ def test_loss_and_gradients_match_pytorch(tmp_path, overrides):
 # gradient, so the comparison is tight and stable, while a wrong weight-decay mask would still show at ~1e-3.
 # The optimizer's arithmetic does not depend on eps's value.
 @pytest.mark.parametrize("eps,tol", [(1e-4, 5e-5)])
-def test_adamw_steps_match_torch(tmp_path, eps, tol):
+def test_adamw_steps_match_torch(tmp_path, eps, tol, rng):
     tc = dataclasses.replace(TC, eps=eps)
     model, path = build(tmp_path, num_hidden_layers=2, tie_word_embeddings=False)
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
-    rng = np.random.default_rng()
     batches = [rng.integers(0, cfg.vocab_size, (2, 17)) for _ in range(3)]
 
     initial = hf_state_dict(cfg, params)  # the train step donates (consumes) the state
@@ -103,10 +105,10 @@ def test_adamw_steps_match_torch(tmp_path, eps, tol):
     assert moved == len(ours)  # every tensor was updated
 
 
-def test_grad_accumulation_equals_full_batch(tmp_path):
+def test_grad_accumulation_equals_full_batch(tmp_path, rng):
     _, path = build(tmp_path, num_hidden_layers=2)
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
-    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (4, 17)).astype(np.int32)
+    tokens = rng.integers(0, cfg.vocab_size, (4, 17)).astype(np.int32)
     seg = np.ones_like(tokens)
     seg[1, 9:] = 2  # a document boundary changes the token count per micro-batch
     rules = ShardingRules(make_mesh("data=1", devices=jax.devices()[:1]))
@@ -125,15 +127,14 @@ def test_grad_accumulation_equals_full_batch(tmp_path):
             assert rel_err(a, b) < 1e-5
 
 
-def test_packed_rows_equal_separate_documents(tmp_path):
+def test_packed_rows_equal_separate_documents(tmp_path, rng):
     _, path = build(tmp_path, num_hidden_layers=2, num_experts=4)
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
-    rng = np.random.default_rng()
     a, b = rng.integers(0, cfg.vocab_size, 7), rng.integers(0, cfg.vocab_size, 10)
 
     def terms(tokens, seg):
         batch = {"tokens": jnp.asarray(tokens[None], jnp.int32), "segment_ids": jnp.asarray(seg[None], jnp.int32)}
-        ce, _, _, n = lm_loss_terms(cfg, TC, params, batch, None)
+        ce, _, _, n = lm_loss_terms(cfg, params, batch, ForwardOptions.of(TC, None))
         return float(ce), int(n)
 
     packed = terms(np.concatenate([a, b]), np.asarray([1] * 7 + [2] * 10))
@@ -144,10 +145,10 @@ def test_packed_rows_equal_separate_documents(tmp_path):
 
 @pytest.mark.parametrize("mesh_spec,overrides", [("fsdp=2,tensor=4", dict(num_experts=8)),
                                                  ("data=2,expert=4", dict(num_experts=8))])
-def test_sharded_step_keeps_placement_and_matches_unsharded(tmp_path, mesh_spec, overrides):
+def test_sharded_step_keeps_placement_and_matches_unsharded(tmp_path, mesh_spec, overrides, rng):
     _, path = build(tmp_path, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, **overrides)
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
-    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 4, 17)).astype(np.int32)
+    tokens = rng.integers(0, cfg.vocab_size, (1, 4, 17)).astype(np.int32)
     batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens)}
     tc = dataclasses.replace(TC, batch_size=4, eps=1e-4)  # eps: see test_adamw_steps_match_torch
     results = []

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qwen_jax.errors import DataError
-from qwen_jax.jsonl import iter_jsonl
+from qwen_jax.files import iter_jsonl
 from train.data import holdout_indices
 
 ROLES = ("system", "user", "assistant", "tool")

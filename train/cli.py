@@ -1,14 +1,18 @@
-"""Command-line plumbing shared by train.pretrain, train.sft and train.dpo: common flags, multi-host
-initialisation, and turning user errors into one line with exit code 2."""
+"""What train.pretrain, train.sft and train.dpo share: common flags, multi-host initialisation, and one
+setup / finish / export path (run files, the HF export, the summary). Turning user errors into one line
+and exit code 2 is qwen_jax.cli's job; `main` adds the trainers' interruption message."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import sys
 from typing import Callable
 
-from qwen_jax.errors import QwenJaxError
+from qwen_jax.cli import run_cli, say
+from qwen_jax.files import write_json
+
+INTERRUPTED = "interrupted: a checkpoint was saved; continue with --resume"
 
 
 def add_common_args(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -61,7 +65,7 @@ def resolve_dtype(name: str) -> str:
 
 
 def train_config(args, **overrides):
-    from train.trainer import TrainConfig
+    from train.config import TrainConfig
 
     return TrainConfig(
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -91,23 +95,52 @@ def init_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def run_cli(fn: Callable[[], int | None]) -> int:
-    """Run a CLI body: user errors print one line and exit 2; Ctrl-C exits 130 after the checkpoint."""
-    try:
-        return fn() or 0
-    except QwenJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: a checkpoint was saved; continue with --resume", file=sys.stderr)
-        return 130
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def main(fn: Callable[[], int | None]) -> int:
+    """Run a trainer CLI body (qwen_jax.cli.run_cli with the trainers' interruption message)."""
+    return run_cli(fn, interrupted=INTERRUPTED)
 
 
-def say(msg: str) -> None:
+def write_run_files(out: str, config, tok, meta: dict) -> None:
+    """The run directory's config.json, tokenizer/ and run.json (process 0 writes)."""
+    import jax
+
+    os.makedirs(out, exist_ok=True)
+    if jax.process_index() == 0:
+        write_json(os.path.join(out, "config.json"), config.to_hf_dict())
+        tok.save_pretrained(os.path.join(out, "tokenizer"))
+        write_json(os.path.join(out, "run.json"), meta)
+
+
+def export(out: str, config, tok, params, dtype: str, frozen=None, lora=None) -> str:
+    """Write the trained model as an HF directory out/hf (LoRA adapters merged into the base); -> its path."""
+    import jax.numpy as jnp
+
+    from qwen_jax import lora as lora_lib
+    from qwen_jax import save_pretrained
+
+    if lora is not None:
+        params = lora_lib.merge(frozen["base"], params, lora)
+    path = os.path.join(out, "hf")
+    save_pretrained(path, config, params, tokenizer=tok, dtype=jnp.dtype(dtype), progress=False)
+    return path
+
+
+def finish(out: str, summary: dict, line: str) -> int:
+    """summary.json in the run directory and on stdout, then the human line on stderr."""
     import jax
 
     if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
+        write_json(os.path.join(out, "summary.json"), summary)
+        print(json.dumps(summary))
+    say(line)
+    return 0
+
+
+def num_trainable(trainable) -> int:
+    import jax
+
+    return sum(int(x.size) for x in jax.tree.leaves(trainable))
+
+
+def fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from qwen_jax.errors import DataError
-from qwen_jax.jsonl import iter_jsonl
+from qwen_jax.files import iter_jsonl
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "shakespeare.jsonl.xz")
 _OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}

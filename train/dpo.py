@@ -49,9 +49,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from train.cli import run_cli
+    from train import cli
 
-    return run_cli(lambda: _main(parse_args(argv)))
+    return cli.main(lambda: _main(parse_args(argv)))
 
 
 def _reference(args, config, lora, frozen, trainable, compute_dtype):
@@ -79,6 +79,7 @@ def _main(args) -> int:
 
     from train import chat_data as C
     from train import finetune as F
+    from train import cli
     from train.cli import say, train_config
     from train.data import RowDataset
     from train.preference import DPOConfig, DPOTask, precompute_reference
@@ -110,7 +111,7 @@ def _main(args) -> int:
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
     trainable, frozen = F.load_weights(args, config, lora, rules, tc.compute_dtype)
     frozen = _reference(args, config, lora, frozen, trainable, tc.compute_dtype)
-    task = DPOTask(config, tc, rules, dpo, lora)
+    task = DPOTask.of(config, tc, rules, dpo, lora)
     if args.precompute_ref:
         micro = tc.batch_size // tc.grad_accum
         for ds in (train_ds, eval_ds):
@@ -121,19 +122,20 @@ def _main(args) -> int:
     meta = {"command": "dpo", "model": os.path.abspath(args.model), "data": [os.path.abspath(p) for p in paths],
             "ref_model": args.ref_model, "dpo": vars(dpo), "lora": vars(lora) if lora else None,
             "train": dict(vars(tc))}
-    F.write_run_files(args, config, tok, meta)
+    cli.write_run_files(args.out, config, tok, meta)
     result = fit(config, tc, trainable, train_ds, eval_ds, args.out, rules, resume=args.resume, meta=meta,
                  progress=not args.no_progress, task=task, frozen=frozen or None)
     summary = {"step": result["step"], "train": result["last"], "eval": result["eval"],
-               "trainable_params": F.num_trainable(result["state"]["params"]),
+               "trainable_params": cli.num_trainable(result["state"]["params"]),
                "resumed_from": result["resumed_from"]}
     if not args.no_export:
-        summary["export"] = F.export(args, config, tok, result["state"]["params"], frozen, lora)
+        summary["export"] = cli.export(args.out, config, tok, result["state"]["params"], F.export_dtype(args),
+                                       frozen, lora)
     ev = result["eval"] or {}
-    return F.finish(args, summary, f"done: step {result['step']}, train loss {F.fmt(result['train_loss'])}; held-out "
-                                   f"loss {F.fmt(ev.get('eval_loss'))}, reward accuracy "
-                                   f"{F.fmt(ev.get('eval_rewards/accuracy'), '.1%')}, margin "
-                                   f"{F.fmt(ev.get('eval_rewards/margin'))}"
+    return cli.finish(args.out, summary, f"done: step {result['step']}, train loss {cli.fmt(result['train_loss'])}; held-out "
+                                   f"loss {cli.fmt(ev.get('eval_loss'))}, reward accuracy "
+                                   f"{cli.fmt(ev.get('eval_rewards/accuracy'), '.1%')}, margin "
+                                   f"{cli.fmt(ev.get('eval_rewards/margin'))}"
                     + (f"; exported to {summary['export']}" if "export" in summary else ""))
 
 

@@ -1,10 +1,9 @@
-"""What train.sft and train.dpo share: flags, loading the starting checkpoint (full fine-tuning or LoRA),
-reading chat data with line-numbered problems, and the merged HF export."""
+"""What train.sft and train.dpo add to train.cli: flags, loading the starting checkpoint (full fine-tuning or
+LoRA), reading chat data with line-numbered problems, and the export dtype."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from qwen_jax.assets import DEFAULT_MODEL
@@ -115,54 +114,11 @@ def resolve_steps(args, num_rows: int) -> None:
         args.warmup = min(args.warmup, args.steps)
 
 
-def export(args, config, tok, trainable, frozen, lora) -> str:
-    """Write the fine-tuned model (adapters merged into the base) as an HF directory; -> its path. The
-    weights keep the dtype they trained in (--param-dtype, or with LoRA the base's) unless --export-dtype."""
-    import jax.numpy as jnp
-
-    from qwen_jax import lora as lora_lib
-    from qwen_jax import save_pretrained
+def export_dtype(args) -> str:
+    """The exported weights keep the dtype they trained in (--param-dtype, or with LoRA the base's) unless
+    --export-dtype says otherwise."""
     from train.cli import resolve_dtype
 
-    export_dtype = args.export_dtype or (args.param_dtype if lora is None else
-                                         args.base_dtype or resolve_dtype(args.dtype))
-
-    params = lora_lib.merge(frozen["base"], trainable, lora) if lora is not None else trainable
-    out = os.path.join(args.out, "hf")
-    save_pretrained(out, config, params, tokenizer=tok, dtype=jnp.dtype(export_dtype), progress=False)
-    return out
-
-
-def finish(args, summary: dict, line: str) -> int:
-    import jax
-
-    from qwen_jax.checkpoint import _write_json
-    from train.cli import say
-
-    if jax.process_index() == 0:
-        _write_json(os.path.join(args.out, "summary.json"), summary)
-        print(json.dumps(summary))
-    say(line)
-    return 0
-
-
-def write_run_files(args, config, tok, meta: dict) -> None:
-    import jax
-
-    from qwen_jax.checkpoint import _write_json
-
-    os.makedirs(args.out, exist_ok=True)
-    if jax.process_index() == 0:
-        _write_json(os.path.join(args.out, "config.json"), config.to_hf_dict())
-        _write_json(os.path.join(args.out, "run.json"), meta)
-
-
-def num_trainable(trainable) -> int:
-    import jax
-
-    return sum(int(x.size) for x in jax.tree.leaves(trainable))
-
-
-def fmt(x, spec=".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
+    if args.export_dtype:
+        return args.export_dtype
+    return args.param_dtype if args.lora_rank <= 0 else args.base_dtype or resolve_dtype(args.dtype)

@@ -18,21 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import qwen_jax
-from qwen_jax import moe
 from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import ConfigError
 from qwen_jax.lora import LoraConfig
 from qwen_jax.model import output_head
 from qwen_jax.sharding import ShardingRules
+from train.config import TrainConfig
 from train.losses import token_logprobs
-from train.trainer import (
-    TrainConfig,
-    model_params,
-    positions_from_segments,
-    put_batch,
-    target_mask,
-)
+from train.placement import put_batch
+from train.tasks import ForwardOptions, forward_rows, model_params
+
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
@@ -70,23 +65,18 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, cfg: DPOConfig):
     return losses, cfg.beta * (pi_w - ref_w), cfg.beta * (pi_l - ref_l)
 
 
-def sequence_logprobs(config: Qwen3Config, tc: TrainConfig, params, rows, rules: ShardingRules | None,
-                      lora: LoraConfig | None = None, average: bool = False):
+def sequence_logprobs(config: Qwen3Config, params, rows, opts: ForwardOptions, average: bool = False):
     """Summed (or per-token mean) log-probs of the loss-masked tokens of each row: rows [N, T+1] -> [N],
-    plus the MoE router logits (None if dense)."""
-    tokens, seg = rows["tokens"], rows["segment_ids"]
-    seg_in = seg[:, :-1]
-    out = qwen_jax.forward(config, params, tokens[:, :-1], positions=positions_from_segments(seg_in),
-                           segment_ids=seg_in, dtype=jnp.dtype(tc.compute_dtype), rules=rules, remat=tc.remat,
-                           return_hidden=True, lora=lora)
-    N, T, D = out.hidden.shape
-    lp = token_logprobs(out.hidden.reshape(N * T, D), output_head(config, params), tokens[:, 1:].reshape(-1),
-                        tc.ce_chunk).reshape(N, T)
-    mask = target_mask(rows).astype(jnp.float32)
+    plus the MoE load-balancing loss (0 if dense)."""
+    f = forward_rows(config, params, rows, opts)
+    N, T, D = f.hidden.shape
+    lp = token_logprobs(f.hidden.reshape(N * T, D), output_head(config, params), f.targets.reshape(-1),
+                        opts.ce_chunk).reshape(N, T)
+    mask = f.mask.astype(jnp.float32)
     total = jnp.sum(lp * mask, axis=-1)
     if average:
         total = total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-    return total, out.router_logits
+    return total, f.aux
 
 
 def _flat_pairs(batch):
@@ -101,35 +91,35 @@ class DPOTask:
     Without ref_logps, the reference is `frozen["ref"]` (a separate model) or, with LoRA, the frozen base
     without adapters (no extra memory)."""
 
-    def __init__(self, config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | None, dpo: DPOConfig,
-                 lora: LoraConfig | None = None):
-        self.config, self.tc, self.rules, self.dpo, self.lora = config, tc, rules, dpo.validate(), lora
-        self.aux_coef = config.router_aux_loss_coef if tc.aux_loss_coef is None else tc.aux_loss_coef
+    def __init__(self, config: Qwen3Config, opts: ForwardOptions, dpo: DPOConfig,
+                 aux_loss_coef: float | None = None):
+        self.config, self.opts, self.dpo = config, opts, dpo.validate()
+        self.aux_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
         self.average = dpo.loss_type == "ipo"
 
+    @classmethod
+    def of(cls, config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | None, dpo: DPOConfig,
+           lora: LoraConfig | None = None) -> "DPOTask":
+        return cls(config, ForwardOptions.of(tc, rules, lora), dpo, tc.aux_loss_coef)
+
     def reference_logps(self, frozen, batch):
-        """[b, 2] reference log-probs of a pair batch."""
+        """[b, 2] reference log-probs of a pair batch (the reference model never has adapters)."""
         ref = frozen["ref"] if "ref" in frozen else frozen["base"]
-        lp, _ = sequence_logprobs(self.config, self.tc, ref, _flat_pairs(batch), self.rules, None, self.average)
+        opts = dataclasses.replace(self.opts, lora=None)
+        lp, _ = sequence_logprobs(self.config, ref, _flat_pairs(batch), opts, self.average)
         return jax.lax.stop_gradient(lp.reshape(-1, 2))
 
     def _sums(self, trainable, frozen, mb):
-        params = model_params(trainable, frozen, self.lora)
-        rows = _flat_pairs(mb)
-        lp, router_logits = sequence_logprobs(self.config, self.tc, params, rows, self.rules, self.lora, self.average)
+        params = model_params(trainable, frozen, self.opts.lora)
+        lp, aux = sequence_logprobs(self.config, params, _flat_pairs(mb), self.opts, self.average)
         pi = lp.reshape(-1, 2)
         ref = mb["ref_logps"] if "ref_logps" in mb else self.reference_logps(frozen, mb)
         losses, r_w, r_l = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], self.dpo)
         w = mb["weight"].astype(jnp.float32)
-        sums = {"loss": jnp.sum(w * losses), "rewards/chosen": jnp.sum(w * r_w), "rewards/rejected": jnp.sum(w * r_l),
+        return {"loss": jnp.sum(w * losses), "rewards/chosen": jnp.sum(w * r_w), "rewards/rejected": jnp.sum(w * r_l),
                 "rewards/accuracy": jnp.sum(w * (r_w > r_l)), "rewards/margin": jnp.sum(w * (r_w - r_l)),
                 "logps/chosen": jnp.sum(w * pi[:, 0]), "logps/rejected": jnp.sum(w * pi[:, 1]), "n": jnp.sum(w),
-                "aux": jnp.float32(0.0)}
-        if router_logits is not None:
-            seg = rows["segment_ids"][:, :-1]
-            sums["aux"] = moe.load_balancing_loss(router_logits, self.config.num_experts_per_tok,
-                                                  (seg != 0).reshape(-1))
-        return sums
+                "aux": aux}
 
     def normalizer(self, batch):  # the number of real pairs in the whole batch
         return jnp.maximum(jnp.sum(batch["weight"].astype(jnp.float32)), 1.0)

@@ -14,7 +14,6 @@ held-out perplexity, checkpoints, and exports an HF directory to runs/pretrain-d
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -85,17 +84,17 @@ def _model_and_tokenizer(args, docs_for_bpe):
 
 
 def main(argv=None) -> int:
-    from train.cli import run_cli
+    from train import cli
 
-    return run_cli(lambda: _main(parse_args(argv)))
+    return cli.main(lambda: _main(parse_args(argv)))
 
 
 def _main(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from qwen_jax import ShardingRules, init_params, make_mesh, save_pretrained
-    from qwen_jax.checkpoint import _write_json
+    from qwen_jax import ShardingRules, init_params, make_mesh
+    from train import cli
     from train import data as D
     from train.cli import init_distributed, say, train_config
     from train.trainer import fit
@@ -108,10 +107,9 @@ def _main(args) -> int:
     paths = args.data or [D.DEFAULT_CORPUS]
     docs = D.read_documents(paths, args.text_field)
     config, tok, params = _model_and_tokenizer(args, lambda: docs)
-    os.makedirs(args.out, exist_ok=True)
-    if jax.process_index() == 0:
-        _write_json(os.path.join(args.out, "config.json"), config.to_hf_dict())
-        tok.save_pretrained(os.path.join(args.out, "tokenizer"))
+    meta = {"command": "pretrain", "model": config.to_hf_dict(), "data": [os.path.abspath(p) for p in paths],
+            "train": dict(vars(tc))}
+    cli.write_run_files(args.out, config, tok, meta)
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else tok.eos_token_ids[0]
     tokenized = D.tokenize_documents(tok, docs, eos)
     train_docs, eval_docs = D.split_holdout(tokenized, args.eval_fraction, args.seed)
@@ -123,25 +121,18 @@ def _main(args) -> int:
         f"nats | mesh {dict(args.mesh_obj.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     if params is None:
         params = init_params(config, jax.random.key(tc.seed), jnp.dtype(tc.param_dtype), rules)
-    meta = {"model": config.to_hf_dict(), "train": {k: v for k, v in vars(tc).items()}}
     result = fit(config, tc, params, train_ds, eval_ds if len(eval_ds) else None, args.out, rules,
                  resume=args.resume, meta=meta, progress=not args.no_progress)
     summary = {"step": result["step"], "train_loss": result["train_loss"], "eval_loss": result["eval_loss"],
                "unigram_entropy": entropy, "resumed_from": result["resumed_from"]}
     if not args.no_export:
-        export = os.path.join(args.out, "hf")
-        save_pretrained(export, config, result["state"]["params"], tokenizer=tok,
-                        dtype=jnp.dtype(args.export_dtype or tc.param_dtype), progress=False)
-        summary["export"] = export
-    if jax.process_index() == 0:
-        _write_json(os.path.join(args.out, "summary.json"), summary)
+        summary["export"] = cli.export(args.out, config, tok, result["state"]["params"],
+                                       args.export_dtype or tc.param_dtype)
     ev = result["eval_loss"]
-    held_out = "n/a" if ev is None else f"{ev:.3f} (perplexity {math.exp(ev):.1f})"
-    train_loss = "n/a" if result["train_loss"] is None else f"{result['train_loss']:.3f}"
-    say(f"done: step {result['step']}, train loss {train_loss}, held-out loss {held_out}, unigram entropy "
-        f"{entropy:.3f}" + (f"; exported to {summary['export']}" if "export" in summary else ""))
-    print(json.dumps(summary), file=sys.stdout if jax.process_index() == 0 else open(os.devnull, "w"))
-    return 0
+    held_out = "n/a" if ev is None else f"{ev:.3f} (perplexity {math.exp(min(ev, 700)):.1f})"
+    return cli.finish(args.out, summary, f"done: step {result['step']}, train loss {cli.fmt(result['train_loss'])}, "
+                                         f"held-out loss {held_out}, unigram entropy {entropy:.3f}"
+                      + (f"; exported to {summary['export']}" if "export" in summary else ""))
 
 
 if __name__ == "__main__":

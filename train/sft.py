@@ -39,9 +39,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from train.cli import run_cli
+    from train import cli
 
-    return run_cli(lambda: _main(parse_args(argv)))
+    return cli.main(lambda: _main(parse_args(argv)))
 
 
 def _main(args) -> int:
@@ -49,9 +49,11 @@ def _main(args) -> int:
 
     from train import chat_data as C
     from train import finetune as F
+    from train import cli
     from train.cli import say, train_config
     from train.data import PackedDataset
-    from train.trainer import LMTask, fit
+    from train.tasks import LMTask
+    from train.trainer import fit
 
     rules, tok, config = F.setup(args)
     lora = F.lora_config(args)
@@ -75,18 +77,19 @@ def _main(args) -> int:
     trainable, frozen = F.load_weights(args, config, lora, rules, tc.compute_dtype)
     meta = {"command": "sft", "model": os.path.abspath(args.model), "data": [os.path.abspath(p) for p in paths],
             "lora": vars(lora) if lora else None, "train": dict(vars(tc))}
-    F.write_run_files(args, config, tok, meta)
-    task = LMTask(config, tc, rules, lora)
+    cli.write_run_files(args.out, config, tok, meta)
+    task = LMTask.of(config, tc, rules, lora)
     result = fit(config, tc, trainable, train_ds, eval_ds, args.out, rules, resume=args.resume, meta=meta,
                  progress=not args.no_progress, task=task, frozen=frozen)
     summary = {"step": result["step"], "train_loss": result["train_loss"], "eval_loss": result["eval_loss"],
-               "trainable_params": F.num_trainable(result["state"]["params"]),
+               "trainable_params": cli.num_trainable(result["state"]["params"]),
                "resumed_from": result["resumed_from"]}
     if not args.no_export:
-        summary["export"] = F.export(args, config, tok, result["state"]["params"], frozen, lora)
+        summary["export"] = cli.export(args.out, config, tok, result["state"]["params"], F.export_dtype(args),
+                                       frozen, lora)
     ev = result["eval_loss"]
     held = "n/a" if ev is None else f"{ev:.3f} (perplexity {math.exp(min(ev, 700)):.1f})"
-    return F.finish(args, summary, f"done: step {result['step']}, train loss {F.fmt(result['train_loss'])}, "
+    return cli.finish(args.out, summary, f"done: step {result['step']}, train loss {cli.fmt(result['train_loss'])}, "
                                    f"held-out loss on assistant tokens {held}"
                     + (f"; exported to {summary['export']}" if "export" in summary else ""))
 
