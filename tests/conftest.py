@@ -6,12 +6,19 @@ unless QWEN_JAX_TEST_SEED is set, and a failing test reports it: rerun with QWEN
 """
 
 import os
+import re
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One persistent XLA compilation cache for the whole run: the xdist workers, and the CLIs and servers the
+# tests start as subprocesses (they inherit the environment), compile many identical programs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"qwen-jax-test-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
@@ -22,6 +29,16 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b| (b is the reference)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def mosaic_gpu_results(text: str) -> list[list[str]]:
+    """The result types of every Mosaic GPU kernel call in lowered StableHLO, in order."""
+    out = []
+    for line in text.splitlines():
+        if "stablehlo.custom_call @mosaic_gpu" in line:
+            results = line.rsplit(") -> ", 1)[1]
+            out.append(re.findall(r"tensor<([0-9a-z]+)>", results))
+    return out
 
 
 @pytest.fixture

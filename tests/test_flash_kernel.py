@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import kernels
+from conftest import mosaic_gpu_results
 from kernels import _compat
 from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
 
@@ -116,7 +117,20 @@ def test_kernels_lower_for_cuda(D, dtype, causal):
                     (bwd, (sd(B, T, N, D), sd(B, T, K, D), sd(B, T, K, D), seg, sd(B, T, N, D),
                            sd(B, N, T, dt=jnp.float32), sd(B, T, N, D)))):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text.lower()
+        calls = mosaic_gpu_results(text)
+        q, kv, lse = f"{B}x{T}x{N}x{D}x{_ty(dtype)}", f"{B}x{T}x{K}x{D}x{_ty(dtype)}", f"{B}x{N}x{T}xf32"
+        if f is fwd:  # one kernel: O and the log-sum-exp
+            assert calls == [[q, lse]], calls
+        else:  # two kernels: dK/dV, then dQ
+            assert calls == [[kv, kv], [q]], calls
+        scores = [ln for ln in text.splitlines() if "dot_general" in ln and f"{T}x{T}" in ln.rsplit("->", 1)[1]]
+        assert not scores, scores  # no [T, T] attention scores outside the kernels
+
+
+def _ty(dtype) -> str:
+    return {jnp.bfloat16: "bf16", jnp.float16: "f16"}[dtype]
+
+
 
 
 def test_dispatch_names():
@@ -125,7 +139,7 @@ def test_dispatch_names():
         kernels.attention(q, q, q, impl="triton")
     with pytest.raises(ValueError, match="bf16/fp16 with head_dim 64 or 128"):
         kernels.attention(q, q, q, impl="pallas", interpret=True)
-    assert kernels._resolve("auto", q, kv_len=8) == "xla"  # CPU
+    assert kernels.attention_impl("auto", q, q) == "xla"  # CPU
 
 
 def test_model_parity_with_pallas_attention(tmp_path):

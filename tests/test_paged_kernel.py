@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import kernels
+from conftest import mosaic_gpu_results
 from kernels import _compat
 from kernels.paged_attention import (PagedConfig, combine_splits, num_splits, paged_attention_forward,
                                      paged_attention_reference)
@@ -134,7 +135,16 @@ def test_lowers_for_cuda(T, D, BS, dtype, splits, pool):
     args = (sd((B, T, N, D), dtype), sd(pages, dtype), sd(pages, dtype), sd((B, MB), jnp.int32),
             sd((B,), jnp.int32), sd((), jnp.int32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text.lower()
+    ty = {jnp.bfloat16: "bf16", jnp.float16: "f16"}[dtype]
+    # One kernel call writing the rows (query token x group head, padded to 64) of every (sequence, kv head)
+    # and their log-sum-exps: float32 partials with split-K (combined outside), else the input dtype.
+    (results,) = mosaic_gpu_results(text)
+    out_ty = "f32" if splits > 1 else ty
+    assert len(results) == 2 and results[0].startswith(f"{B}x{K}x") and results[0].endswith(f"x{D}x{out_ty}")
+    assert results[1].startswith(f"{B}x{K}x") and results[1].endswith("xf32"), results
+    if splits > 1:
+        assert f"x{splits}x" in results[0], results
+    assert "dot_general" not in text  # the attention math is all inside the kernel
 
 
 def test_dispatch():
@@ -143,10 +153,10 @@ def test_dispatch():
     bt, lens = jnp.zeros((2, 3), jnp.int32), jnp.asarray([3, 20], jnp.int32)
     with pytest.raises(ValueError, match="impl must be one of"):
         kernels.paged_attention(q, pages, pages, bt, lens, impl="triton")
-    assert kernels._resolve_paged("auto", q, pages, interpret=False) == "xla"  # CPU
-    assert kernels._resolve_paged("auto", q, pages, interpret=True) == "pallas"
+    assert kernels.paged_attention_impl("auto", q, pages) == "xla"  # CPU
+    assert kernels.paged_attention_impl("auto", q, pages, interpret=True) == "pallas"
     long_q = jnp.zeros((2, 200, 4, 64), jnp.bfloat16)  # 400 rows per kv head: a prefill chunk goes to XLA
-    assert kernels._resolve_paged("auto", long_q, pages, interpret=True) == "xla"
+    assert kernels.paged_attention_impl("auto", long_q, pages, interpret=True) == "xla"
     with pytest.raises(ValueError, match="block_size"):
         kernels.paged_attention(q, jnp.zeros((6, 12, 2, 64), jnp.bfloat16), pages, bt, lens, impl="pallas")
     with pytest.raises(ValueError, match="bf16/fp16"):
@@ -162,10 +172,11 @@ def test_auto_uses_pallas_only_after_a_self_check(monkeypatch):
     pages = jnp.zeros((6, 16, 2, 64), jnp.bfloat16)
     monkeypatch.setattr(kernels, "_hopper_or_newer", lambda: True)
     monkeypatch.setattr(kernels, "_self_check", lambda *a: False)
-    assert kernels._resolve_paged("auto", q, pages, interpret=False) == "xla"
+    assert kernels.paged_attention_impl("auto", q, pages) == "xla"
     monkeypatch.setattr(kernels, "_self_check", lambda *a: True)
-    assert kernels._resolve_paged("auto", q, pages, interpret=False) == "pallas"
-    assert kernels._resolve("auto", jnp.zeros((1, 64, 2, 64), jnp.bfloat16), kv_len=64) == "pallas"
+    assert kernels.paged_attention_impl("auto", q, pages) == "pallas"
+    x = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    assert kernels.attention_impl("auto", x, x) == "pallas"
 
 
 def test_self_check_passes_a_working_kernel_and_rejects_a_broken_one(monkeypatch):
