@@ -2,15 +2,19 @@
 
 Routing follows HF Qwen3-MoE exactly: router logits in the compute dtype, softmax in float32, top-k,
 renormalise the k weights only when `norm_topk_prob`, then cast to the compute dtype.
-Expert compute sorts the (token, expert) assignments by expert and runs one `jax.lax.ragged_dot`
-per projection: every expert's tokens form a contiguous group, so no expert loop and no dense
-all-experts product.
+Expert compute sorts the (token, expert) assignments by expert and runs one grouped matmul per projection
+(kernels/grouped_matmul.py): every expert's tokens form a contiguous group, and the work is that of the
+assignments that exist (top-k), not of every expert.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from kernels.grouped_matmul import grouped_matmul
 
 
 def route(router_logits_TE: jax.Array, top_k: int, norm_topk_prob: bool, dtype) -> tuple[jax.Array, jax.Array]:
@@ -23,8 +27,10 @@ def route(router_logits_TE: jax.Array, top_k: int, norm_topk_prob: bool, dtype) 
 
 
 def grouped_expert_mlp(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array,
-                       w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
-    """SwiGLU experts applied to each token's k chosen experts, weighted and summed. -> [T, D]."""
+                       w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array, *, impl: str = "auto",
+                       unroll: bool = False) -> jax.Array:
+    """SwiGLU experts applied to each token's k chosen experts, weighted and summed. -> [T, D].
+    `impl` and `unroll`: see kernels.grouped_matmul."""
     T, D = x_TD.shape
     K = experts_TK.shape[1]
     E = w_gate_EDF.shape[0]
@@ -32,10 +38,11 @@ def grouped_expert_mlp(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.A
     order = jnp.argsort(flat_experts, stable=True)  # assignments grouped by expert
     group_sizes = jnp.bincount(flat_experts, length=E).astype(jnp.int32)  # [E]
     x_sorted = jnp.take(x_TD, order // K, axis=0)  # [T*K, D]
-    gate = jax.lax.ragged_dot(x_sorted, w_gate_EDF, group_sizes)  # [T*K, F]
-    up = jax.lax.ragged_dot(x_sorted, w_up_EDF, group_sizes)
+    mm = functools.partial(grouped_matmul, group_sizes_E=group_sizes, impl=impl, unroll=unroll)
+    gate = mm(x_sorted, w_gate_EDF)  # [T*K, F]
+    up = mm(x_sorted, w_up_EDF)
     h = (jax.nn.silu(gate) * up).astype(x_TD.dtype)
-    y_sorted = jax.lax.ragged_dot(h, w_down_EFD, group_sizes)  # [T*K, D]
+    y_sorted = mm(h, w_down_EFD)  # [T*K, D]
     inverse = jnp.argsort(order)  # back to (token, k) order
     y_TKD = jnp.take(y_sorted, inverse, axis=0).reshape(T, K, D)
     out = jnp.einsum("TKD,TK->TD", y_TKD.astype(x_TD.dtype), weights_TK, preferred_element_type=jnp.float32)
