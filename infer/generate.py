@@ -6,7 +6,9 @@
 
 --prompts-file takes one JSON object per line: {"prompt": "..."} or {"messages": [...]} (rendered with the
 checkpoint's chat template), optionally with per-line sampling fields (max_tokens, temperature, ...). The
-output has one JSON line per input line, in input order.
+output has one JSON line per input line, in input order, with the input's line number (`line`). Results are
+written to OUTPUT.partial as each request finishes; if the run is interrupted, rerun it with --resume to
+keep them and generate only the rest.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="one prompt, streamed to the terminal")
     src.add_argument("--prompts-file", default=None, help="JSONL of prompts (needs --output)")
-    p.add_argument("--output", default=None, help="JSONL results for --prompts-file")
+    p.add_argument("--output", default=None, help="JSONL results for --prompts-file (written as requests finish)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --prompts-file run: keep the results already written")
     p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template to --prompt")
     p.add_argument("--system", default=None, help="system message with --chat")
     p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
@@ -65,8 +69,8 @@ def _sampling(args, overrides: dict | None = None):
     return sp.validate()
 
 
-def _read_prompts(path: str, llm, args):
-    """-> [(the line's object, prompt text, sampling params)]."""
+def _read_prompts(path: str, args) -> list[tuple[int, dict, "SamplingParams"]]:  # noqa: F821
+    """Every line of the prompts file, checked before any model loads: -> [(line number, object, params)]."""
     from qwen_jax.errors import DataError, RequestError
     from qwen_jax.files import iter_jsonl
 
@@ -79,52 +83,140 @@ def _read_prompts(path: str, llm, args):
             sp = _sampling(args, overrides)
         except RequestError as e:
             raise RequestError(f"{path}:{n}: {e}") from None
-        prompt = obj.get("prompt")
-        if prompt is None:
-            prompt = llm.tokenizer.apply_chat_template(obj["messages"], enable_thinking=args.enable_thinking,
-                                                       tokenize=False)
-        items.append((obj, prompt, sp))
+        items.append((n, obj, sp))
     if not items:
         raise DataError(f"{path}: no prompts")
     return items
 
 
-def _main(args) -> int:
+class _Results:
+    """The batch's results, written as each request finishes: OUTPUT.partial gets one JSON line per finished
+    request (with its input `line`), flushed at once, so a crash or Ctrl-C loses nothing finished. At the end
+    OUTPUT is written in input order, atomically, and the partial file is removed. With resume, the lines
+    already in OUTPUT.partial are kept and not generated again."""
+
+    def __init__(self, output: str, resume: bool):
+        from qwen_jax.errors import ConfigError
+
+        self.output, self.partial = output, output + ".partial"
+        self.done: dict[int, dict] = {}
+        if os.path.exists(self.partial):
+            if not resume:
+                raise ConfigError(f"{self.partial} holds results of an unfinished run: pass --resume to continue "
+                                  f"it, or remove the file")
+            with open(self.partial, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash: that request runs again
+                    self.done[rec["line"]] = rec
+        try:
+            self.f = open(self.partial, "a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--output {output}: cannot write {self.partial} ({e.strerror})") from None
+
+    def add(self, rec: dict) -> None:
+        self.done[rec["line"]] = rec
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def finish(self, lines: list[int]) -> None:
+        self.f.close()
+        tmp = self.output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for n in lines:
+                f.write(json.dumps(self.done[n], ensure_ascii=False) + "\n")
+        os.replace(tmp, self.output)
+        os.remove(self.partial)
+
+
+def _record(n: int, obj: dict, out) -> dict:
+    rec = {"line": n, **({"id": obj["id"]} if "id" in obj else {}), "text": out.text, "token_ids": out.token_ids,
+           "finish_reason": out.finish_reason, "prompt_tokens": len(out.prompt_token_ids)}
+    if out.logprobs is not None:
+        rec["logprobs"] = [{str(k): v for k, v in lp.items()} for lp in out.logprobs]
+    if out.error:
+        rec["error"] = out.error
+    return rec
+
+
+def _batch(args) -> int:
+    import queue
+
+    from tqdm.auto import tqdm
+
+    from jinja2 import TemplateError
+
     from infer.args import build_llm
     from qwen_jax.errors import ConfigError
 
-    if args.prompts_file and not args.output:
+    if not args.output:
         raise ConfigError("--prompts-file needs --output")
-    sp = _sampling(args)
-    llm = build_llm(args)
-    if args.prompts_file:
-        items = _read_prompts(args.prompts_file, llm, args)
-        outs = llm.generate([p for _, p, _ in items], [s for _, _, s in items])
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            for (obj, _, _), out in zip(items, outs):
-                rec = {**({"id": obj["id"]} if "id" in obj else {}), "text": out.text, "token_ids": out.token_ids,
-                       "finish_reason": out.finish_reason, "prompt_tokens": len(out.prompt_token_ids)}
-                if out.logprobs is not None:
-                    rec["logprobs"] = [{str(k): v for k, v in lp.items()} for lp in out.logprobs]
-                if out.error:
-                    rec["error"] = out.error
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
-        errors = [o for o in outs if o.error]
-        for o in errors:
-            print(f"request {o.index + 1}: error: {o.error}", file=sys.stderr)
-        print(f"wrote {len(outs)} results to {args.output}" + (f" ({len(errors)} failed)" if errors else ""),
+    items = _read_prompts(args.prompts_file, args)
+    results = _Results(args.output, args.resume)
+    todo = [it for it in items if it[0] not in results.done]
+    if results.done:
+        print(f"resuming: {len(items) - len(todo)} of {len(items)} results already in {results.partial}",
               file=sys.stderr)
-        return 0
+    llm = build_llm(args)
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    streams, by_id = [], {}
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="req", dynamic_ncols=True)
+    try:
+        for n, obj, sp in todo:
+            try:
+                prompt = obj.get("prompt")
+                if prompt is None:
+                    prompt = llm.tokenizer.apply_chat_template(obj["messages"], enable_thinking=args.enable_thinking,
+                                                               tokenize=False)
+                s = llm.engine.add_request(prompt, sp, notify=done, index=n)
+            except (ValueError, TypeError, TemplateError) as e:  # a bad prompt or conversation: that line fails
+                results.add({"line": n, **({"id": obj["id"]} if "id" in obj else {}), "text": "",
+                             "token_ids": [], "finish_reason": "error", "prompt_tokens": 0, "error": str(e)})
+                bar.update(1)
+                continue
+            streams.append(s)
+            by_id[s.request_id] = (n, obj, s)
+        for _ in range(len(streams)):
+            while True:
+                try:
+                    rid = done.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if llm.engine.error:
+                        raise RuntimeError(llm.engine.error) from None
+            n, obj, s = by_id[rid]
+            results.add(_record(n, obj, s.result()))
+            bar.update(1)
+    finally:
+        bar.close()
+        for s in streams:
+            s.close()
+    results.finish([n for n, _, _ in items])
+    errors = [r for r in results.done.values() if r.get("error")]
+    for r in sorted(errors, key=lambda r: r["line"]):
+        print(f"line {r['line']}: error: {r['error']}", file=sys.stderr)
+    print(f"wrote {len(items)} results to {args.output}" + (f" ({len(errors)} failed)" if errors else ""),
+          file=sys.stderr)
+    return 0
+
+
+def _main(args) -> int:
+    from infer.args import build_llm
+
+    sp = _sampling(args)
+    if args.prompts_file:
+        return _batch(args)
+    llm = build_llm(args)
     prompt = args.prompt if args.prompt is not None else "ROMEO.\n"
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
         prompt = llm.tokenizer.apply_chat_template(messages, enable_thinking=args.enable_thinking, tokenize=False)
-    else:
+    stream = llm.stream(prompt, sp)  # a bad prompt fails here, before anything is printed
+    if not args.chat:
         sys.stdout.write(prompt)
-    stream = llm.stream(prompt, sp)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -10,6 +10,7 @@ the same tokens whatever else is in the batch. Logprobs are of the raw model dis
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -38,26 +39,49 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the chosen token's)
 
+    def __post_init__(self):
+        # A single stop string or stop token is one stop, never a sequence of characters / digits.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is not None and not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop) if isinstance(self.stop, (list, set)) else self.stop)
+        if isinstance(self.stop_token_ids, int) and not isinstance(self.stop_token_ids, bool):
+            object.__setattr__(self, "stop_token_ids", (self.stop_token_ids,))
+        elif isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
     def validate(self) -> "SamplingParams":
+        """Check every field's type and range; RequestError naming the first bad one."""
         def need(cond, msg):
             require(cond, f"invalid sampling parameter: {msg}", RequestError)
 
-        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-             f"max_tokens must be >= 1, got {self.max_tokens!r}")
-        need(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128], got {self.n!r}")
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            need(number(getattr(self, name)), f"{name} must be a number, got {getattr(self, name)!r}")
+        need(self.max_tokens is None or (integer(self.max_tokens) and self.max_tokens >= 1),
+             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        need(integer(self.n) and 1 <= self.n <= 128, f"n must be in [1, 128], got {self.n!r}")
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
+        need(integer(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
         need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         need(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
+        need(self.seed is None or (integer(self.seed) and 0 <= self.seed < 2**32),
              f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+        need(self.logprobs is None or (integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        need(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
-        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids")
+        need(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+             f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        need(isinstance(self.stop_token_ids, tuple) and all(integer(t) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        need(isinstance(self.ignore_eos, bool), f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         return self
 
     @property

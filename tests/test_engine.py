@@ -169,7 +169,8 @@ def test_cli_stream_and_batch_file(dense_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     res = [json.loads(x) for x in open(tmp_path / "o.jsonl")]
     assert [len(x["token_ids"]) for x in res] == [3, 4, 0, 2] and res[3]["id"] == "q4"
-    assert "max_model_len" in res[2]["error"] and "request 3: error" in r.stderr
+    assert "max_model_len" in res[2]["error"] and "line 3: error" in r.stderr
+    assert [x["line"] for x in res] == [1, 2, 3, 4] and not os.path.exists(tmp_path / "o.jsonl.partial")
     bad = subprocess.run(common + ["--prompt", "x", "--top-p", "2"], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: invalid sampling")
@@ -264,3 +265,43 @@ def test_tokenizer_elsewhere_token_ids_only_and_max_tokens_none(dense_dir, tmp_p
     bad = ids_only.generate(["a text prompt", [5, 6]], GREEDY, use_tqdm=False)
     assert bad[0].finish_reason == "error" and "needs a tokenizer" in bad[0].error
     assert bad[1].error is None
+
+
+def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_path):
+    """SIGKILL a --prompts-file run once some results are written; --resume keeps them, generates the rest,
+    and the output equals an uninterrupted run's."""
+    import signal
+    import time
+
+    _, path = dense_dir
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO
+    lines = [{"prompt": f"line {i}: " + "to be " * (i % 5), "max_tokens": 6 + 4 * (i % 4)} for i in range(12)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    common = [sys.executable, "-m", "infer.generate", "--model", path, "--max-model-len", "64", "--num-kv-blocks",
+              "64", "--max-num-seqs", "2", "--temperature", "0", "--ignore-eos", "--prompts-file",
+              str(tmp_path / "in.jsonl")]
+    whole = subprocess.run(common + ["--output", str(tmp_path / "whole.jsonl")], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "cut.jsonl"
+    partial = tmp_path / "cut.jsonl.partial"
+    proc = subprocess.Popen(common + ["--output", str(out)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and len(partial.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    kept = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
+    assert 3 <= len(kept) < len(lines) and not out.exists()
+    again = subprocess.run(common + ["--output", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr  # an unfinished run is never overwritten
+    resumed = subprocess.run(common + ["--output", str(out), "--resume"], env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(kept)} of {len(lines)} results already" in resumed.stderr
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not partial.exists()

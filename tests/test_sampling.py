@@ -88,3 +88,27 @@ def test_penalties_match_their_definition(rng):
 def test_invalid_parameters(kw, msg):
     with pytest.raises(RequestError, match=msg):
         SamplingParams(**kw).validate()
+
+
+def test_a_stop_string_is_one_stop_and_bad_values_are_request_errors():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from qwen_jax import RequestError
+
+    assert SamplingParams(stop="the").validate().stop == ("the",)
+    assert SamplingParams(stop=["a", "bc"], stop_token_ids=7).validate().stop_token_ids == (7,)
+    values = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
+                       st.text(max_size=5), st.lists(st.one_of(st.text(max_size=3), st.integers()), max_size=3))
+    fields = ["max_tokens", "n", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+              "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs"]
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(st.sampled_from(fields), values, max_size=4))
+    def check(kw):
+        try:
+            SamplingParams(**kw).validate()  # either valid ...
+        except RequestError as e:  # ... or one clean error naming the field
+            assert str(e).startswith("invalid sampling parameter: ") and any(f in str(e) for f in kw)
+
+    check()
