@@ -149,3 +149,18 @@ def test_continue_from_hf_checkpoint_and_metrics_files(tiny, tmp_path):
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)] == [1, 2, 3]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
     assert json.loads((out / "hf" / "config.json").read_text())["vocab_size"] == 4096
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(tiny, tmp_path):
+    out = tmp_path / "run"
+    first = _run(_args(tiny, out, 8))  # checkpoints at steps 4 and 8
+    assert first.returncode == 0, first.stderr
+    newest = out / "checkpoints" / "8"
+    files = [p for p in newest.rglob("*") if p.is_file()]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # a truncated file
+    resumed = _run(_args(tiny, out, 12, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "checkpoint step 8 is unreadable" in resumed.stderr and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from"] == 4
+    assert (out / "checkpoints-unreadable" / "8").is_dir()  # kept aside, never deleted

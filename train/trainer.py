@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from qwen_jax.cli import say
 from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import ConfigError
 from qwen_jax.sharding import ShardingRules
@@ -122,7 +123,7 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
             ckpt.close()
             raise ConfigError(f"{out_dir} already has checkpoints (step {ckpt.latest_step()}): pass --resume to "
                               f"continue, or choose another --out")
-        state, data_state, _ = ckpt.restore(state)
+        state, data_state, _ = ckpt.restore_latest(state, say)
         resumed_from = int(state["step"])
     is_main = jax.process_index() == 0
     logger = MetricsLogger(out_dir, resume_step=resumed_from, enabled=is_main)
