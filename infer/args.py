@@ -21,6 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gb", type=float, default=1.0, help="CPU: KV pool budget in GiB")
     g.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on GPU, the checkpoint's on CPU)")
     g.add_argument("--attn-impl", default="auto", choices=["auto", "pallas", "cudnn", "xla"])
+    g.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache (default: $QWEN_JAX_CACHE_DIR or ~/.cache/qwen-jax/xla)")
+    g.add_argument("--no-compilation-cache", action="store_true", help="do not cache compiled programs on disk")
 
 
 def build_llm(args, **extra):
@@ -44,4 +47,5 @@ def build_llm(args, **extra):
                max_model_len=args.max_model_len, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                num_kv_blocks=args.num_kv_blocks, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
-               attn_impl=args.attn_impl, **extra)
+               attn_impl=args.attn_impl,
+               compilation_cache=False if args.no_compilation_cache else (args.compilation_cache or True), **extra)

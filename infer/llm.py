@@ -27,8 +27,13 @@ class LLM:
                  tensor_parallel: int = 1, max_model_len: int | None = None, kv_cache_memory_fraction: float = 0.9,
                  num_kv_blocks: int | None = None, kv_cache_gb: float = 1.0, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, dtype: str | None = None, seed: int = 0,
-                 attn_impl: str = "auto", max_waiting: int | None = None):
+                 attn_impl: str = "auto", max_waiting: int | None = None, compilation_cache: str | bool = True):
+        """`compilation_cache`: JAX's persistent compilation cache (qwen_jax.compilation_cache): True for the
+        default directory, a path, or False to leave JAX's configuration alone."""
+        from qwen_jax import compilation_cache as cc
         from qwen_jax.assets import DEFAULT_MODEL
+
+        self.compilation_cache = cc.enable(compilation_cache)
 
         self.model_path = model or DEFAULT_MODEL
         require(1 <= tensor_parallel <= jax.device_count(),

@@ -305,3 +305,18 @@ def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_p
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(kept)} of {len(lines)} results already" in resumed.stderr
     assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not partial.exists()
+
+
+def test_a_second_process_loads_every_program_from_the_compilation_cache(dense_dir, tmp_path):
+    _, path = dense_dir
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    env.update(PYTHONPATH=REPO, JAX_LOG_COMPILES="1")
+    cmd = [sys.executable, "-m", "infer.generate", "--model", path, "--max-model-len", "64", "--num-kv-blocks", "32",
+           "--temperature", "0", "--prompt", "Hello", "--max-tokens", "4", "--compilation-cache", str(tmp_path / "xla")]
+    runs = [subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert runs[0].stdout == runs[1].stdout
+    compiled = runs[1].stderr.count("Finished XLA compilation")
+    hits = runs[1].stderr.count("Persistent compilation cache hit")
+    assert compiled > 0 and hits == compiled  # the second process compiled nothing itself
+    assert "Persistent compilation cache hit for 'jit__step_impl'" in runs[1].stderr
