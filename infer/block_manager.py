@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 
 from infer.sequence import Sequence
-from qwen_jax.util import cdiv
+from kernels.util import cdiv
 
 
 class Block:

@@ -23,7 +23,7 @@ from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import ConfigError
 from qwen_jax.model import AttentionMeta, output_head
 from qwen_jax.sharding import ShardingRules
-from qwen_jax.util import cdiv
+from kernels.util import cdiv
 
 CACHE_AXES = ("layers", "cache_blocks", None, "cache_kv_heads", "head_dim")
 

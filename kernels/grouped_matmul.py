@@ -25,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels.util import cdiv
+
 IMPLS = ("auto", "blocked", "ragged")
 CHUNK_ROWS = 512  # rows per scan step (a chunk of blocks)
 
@@ -44,9 +46,9 @@ def _acc(dtype):
 def _layout(group_sizes_E, num_rows: int, block: int):
     """-> (padded row of each sorted row [M], group of each block [NBp], NBp, blocks per chunk)."""
     E = group_sizes_E.shape[0]
-    nb = -(-num_rows // block) + min(num_rows, E)
+    nb = cdiv(num_rows, block) + min(num_rows, E)
     chunk = max(1, min(nb, CHUNK_ROWS // block))
-    nbp = -(-nb // chunk) * chunk
+    nbp = cdiv(nb, chunk) * chunk
     sizes = group_sizes_E.astype(jnp.int32)
     padded = (sizes + block - 1) // block * block  # [E]
     ends, pends = jnp.cumsum(sizes), jnp.cumsum(padded)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels._mgpu import LOG2E, mm, pad_to, produce, row, smem
+from kernels.util import cdiv
 from kernels.flash_attention import _MASKED, masked_softmax_attention
 
 
@@ -109,7 +110,7 @@ def num_splits(programs: int, max_steps: int, requested: int | None = None) -> i
         if requested < 1:
             raise ValueError(f"num_splits must be >= 1, got {requested}")
         return max(1, min(requested, max_steps))
-    want = -(-2 * _device_cores() // max(programs, 1))
+    want = cdiv(2 * _device_cores(), max(programs, 1))
     return max(1, min(want, max_steps // 4, 32))
 
 
@@ -145,12 +146,12 @@ def paged_attention_forward(q, k_pages, v_pages, block_tables, lengths, *, scale
         raise ValueError(f"block_kv must be a multiple of {ROWS}, got {BK}")
     dtype = q.dtype
     R = T * G
-    n_rb = -(-R // ROWS)
+    n_rb = cdiv(R, ROWS)
     chunk = min(BS, BK)  # keys per TMA copy: a page, or a BK-slice of a larger page
     copies = BK // chunk
-    max_steps = -(-(block_tables.shape[1] * BS) // BK)
+    max_steps = cdiv(block_tables.shape[1] * BS, BK)
     splits = num_splits(B * K * n_rb, max_steps, config.num_splits)
-    max_per_split = -(-max_steps // splits)
+    max_per_split = cdiv(max_steps, splits)
 
     # Rows [B, K, n_rb * ROWS, D] (row = t * G + g) and each row's position; padding rows see no key.
     q_rows = q.reshape(B, T, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B, K, R, D)
@@ -160,7 +161,7 @@ def paged_attention_forward(q, k_pages, v_pages, block_tables, lengths, *, scale
     # The last tile may run past the table: those keys are masked, and their reads go to the sequence's
     # first page (its own memory, never another sequence's or unwritten pages, whose 0 * NaN would leak).
     bt = block_tables.astype(jnp.int32)
-    n_bt = -(-(max_steps * BK) // BS)
+    n_bt = cdiv(max_steps * BK, BS)
     bt = jnp.clip(jnp.concatenate([bt, jnp.repeat(bt[:, :1], n_bt - bt.shape[1], axis=1)], axis=1), 0, NB - 1)
     lens = jnp.clip(lengths.astype(jnp.int32), 0, block_tables.shape[1] * BS)  # never past the table
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)

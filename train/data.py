@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from qwen_jax.errors import DataError
+from kernels.util import cdiv
 from qwen_jax.files import iter_jsonl
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "shakespeare.jsonl.xz")
@@ -174,7 +175,7 @@ class RowDataset:
     def sequential(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict]:
         """Unshuffled batches for evaluation. A partial last batch is padded with all-zero rows (segment id 0:
         no loss, no weight), so every row is evaluated and the batch shape stays fixed."""
-        n = -(-len(self) // batch_size)
+        n = cdiv(len(self), batch_size)
         for i in range(n if max_batches is None else min(n, max_batches)):
             batch = self._rows(slice(i * batch_size, (i + 1) * batch_size))
             short = batch_size - len(batch["tokens"])

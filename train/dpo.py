@@ -77,6 +77,7 @@ def _main(args) -> int:
     import jax
     import numpy as np
 
+    from kernels.util import cdiv
     from train import chat_data as C
     from train import finetune as F
     from train import cli
@@ -92,7 +93,7 @@ def _main(args) -> int:
     renderer = C.ChatRenderer(tok)
     pairs = F.read_all(paths, lambda p: C.read_preferences(p, renderer, args.seq_len + 1, args.strict), say)
     longest = max(max(len(p[0]), len(p[2])) for p in pairs)
-    row_len = min(args.seq_len + 1, -(-longest // 16) * 16)  # pad only as far as the longest pair needs
+    row_len = min(args.seq_len + 1, cdiv(longest, 16) * 16)  # pad only as far as the longest pair needs
     args.seq_len = row_len - 1
     train_p, eval_p = C.split_examples(pairs, args.eval_fraction, args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

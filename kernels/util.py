@@ -1,4 +1,4 @@
-"""Small arithmetic helpers shared across packages."""
+"""Arithmetic helpers shared by every layer (kernels is the bottom one, so all may import it)."""
 
 
 def cdiv(a: int, b: int) -> int:
