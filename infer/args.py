@@ -40,6 +40,10 @@ def build_llm(args, **extra):
     require(args.num_kv_blocks is None or args.num_kv_blocks >= 1,
             f"--num-kv-blocks must be >= 1, got {args.num_kv_blocks}")
     require(args.kv_cache_gb > 0, f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    require(0 < args.kv_cache_memory_fraction <= 1,
+            f"--kv-cache-memory-fraction must be in (0, 1], got {args.kv_cache_memory_fraction}")
+    require(args.dtype in (None, "float32", "bfloat16", "float16"),
+            f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
     if args.model is None:
         print(f"(no --model: using the shipped small model {os.path.relpath(DEFAULT_MODEL)}, a 4M-parameter Qwen3 "
               f"trained on Shakespeare)", file=sys.stderr)

@@ -320,3 +320,18 @@ def test_a_second_process_loads_every_program_from_the_compilation_cache(dense_d
     hits = runs[1].stderr.count("Persistent compilation cache hit")
     assert compiled > 0 and hits == compiled  # the second process compiled nothing itself
     assert "Persistent compilation cache hit for 'jit__step_impl'" in runs[1].stderr
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--dtype", "float8"], "--dtype must be"), (["--block-size", "0"], "--block-size must be >= 1"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"), (["--max-model-len", "0"], "--max-model-len must be"),
+    (["--kv-cache-memory-fraction", "2"], "--kv-cache-memory-fraction"), (["--top-p", "0"], "top_p must be in"),
+    (["--max-tokens", "0"], "max_tokens must be"), (["--prompts-file", "/nonexistent.jsonl", "--output", "o.jsonl"],
+                                                    "no such file"),
+])
+def test_bad_generate_flags_are_one_line_and_exit_2(flags, words, capsys):
+    from infer import generate
+
+    assert generate.main(["--prompt", "x", *flags] if "--prompts-file" not in flags else flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and words in err[-1] and len(err) <= 2
