@@ -109,10 +109,6 @@ class RequestStream:
         self._put = sink or self._q.put  # where the engine thread delivers this request's items
         self.output: RequestOutput | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.output is not None
-
     def __iter__(self) -> Iterator[StreamDelta]:
         while self.output is None:
             item = self._q.get()
@@ -244,9 +240,14 @@ class Engine:
                 "num_blocks": bm.num_blocks, "free_blocks": bm.num_free, "preemptions": s.num_preemptions,
                 "prefix_cache_queries": bm.cache_queries, "prefix_cache_hits": bm.cache_hits, **self.counters}
 
-    @property
-    def idle(self) -> bool:
-        return self._pending == 0
+    def next_done(self, notify: queue.SimpleQueue) -> str:
+        """The id of the next request to end among those added with `notify`; RuntimeError if the loop died."""
+        while True:
+            try:
+                return notify.get(timeout=1.0)
+            except queue.Empty:
+                if self.error:
+                    raise RuntimeError(self.error) from None
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Wait until no request is in flight (aborts included); -> whether that happened within `timeout`."""

@@ -179,14 +179,7 @@ def _batch(args) -> int:
             streams.append(s)
             by_id[s.request_id] = (n, obj, s)
         for _ in range(len(streams)):
-            while True:
-                try:
-                    rid = done.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if llm.engine.error:
-                        raise RuntimeError(llm.engine.error) from None
-            n, obj, s = by_id[rid]
+            n, obj, s = by_id[llm.engine.next_done(done)]
             results.add(_record(n, obj, s.result()))
             bar.update(1)
     finally:

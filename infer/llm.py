@@ -67,9 +67,9 @@ class LLM:
         return self.engine.stats()
 
     def shutdown(self, grace: float | None = 0.0) -> None:
-        self._finalizer()  # runs engine.shutdown once
-        if grace:
-            self.engine.shutdown(grace)
+        """Stop the engine: running requests get up to `grace` seconds (None: as long as they take)."""
+        self._finalizer.detach()
+        self.engine.shutdown(grace)
 
     def __enter__(self):
         return self
@@ -115,13 +115,7 @@ class LLM:
             bar.update(len(outputs))
             t0, total = time.perf_counter(), 0
             for _ in streams:
-                while True:
-                    try:
-                        done.get(timeout=1.0)
-                        break
-                    except queue.Empty:
-                        if self.engine.error:
-                            raise RuntimeError(self.engine.error) from None
+                self.engine.next_done(done)
                 bar.update(1)
             for s in streams:
                 out = s.result()

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from infer.engine import StreamDelta
+
 P = "qwen_jax_"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
@@ -70,8 +72,7 @@ class RequestTimer:
         self.last: dict[tuple[int, int], float] = {}
 
     def saw(self, i: int, item) -> None:
-        tokens = getattr(item, "token_ids", None)
-        if not tokens or not hasattr(item, "index") or hasattr(item, "outputs"):
+        if not isinstance(item, StreamDelta) or not item.token_ids:
             return  # a final RequestOutput, or a delta without tokens
         now, key = time.perf_counter(), (i, item.index)
         if i not in self.first:

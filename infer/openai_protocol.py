@@ -8,6 +8,7 @@ store, parallel_tool_calls, service_tier) are accepted and ignored.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -89,8 +90,6 @@ class ChatMessage(BaseModel):
         for call in msg.get("tool_calls", []):  # the template wants arguments as an object
             fn = call.get("function", {})
             if isinstance(fn.get("arguments"), str):
-                import json
-
                 try:
                     fn["arguments"] = json.loads(fn["arguments"])
                 except json.JSONDecodeError:

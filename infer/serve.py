@@ -314,9 +314,9 @@ def create_app(llm, served_model_name: str, api_key: str | None = None) -> FastA
                         yield chunk(item.index, {"reasoning_content": parsed.reasoning})
                     if parsed.content or lp:
                         yield chunk(item.index, {"content": parsed.content}, logprobs=lp)
-                    for call in parsed.tool_calls:
-                        yield chunk(item.index, {"tool_calls": [{"index": p.num_tool_calls - len(parsed.tool_calls)
-                                                                 + parsed.tool_calls.index(call), **_tool_call(call)}]})
+                    streamed = p.num_tool_calls - len(parsed.tool_calls)  # this sample's calls already sent
+                    for k, call in enumerate(parsed.tool_calls, streamed):
+                        yield chunk(item.index, {"tool_calls": [{"index": k, **_tool_call(call)}]})
                     if item.finish_reason is not None:
                         reason = "tool_calls" if p.num_tool_calls else item.finish_reason
                         yield chunk(item.index, {}, finish=reason)
