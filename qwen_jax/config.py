@@ -91,21 +91,28 @@ class Qwen3Config:
                 groups.append((kind, i, i + 1))
         return tuple(groups)
 
+    def matmul_params(self, active: bool = True) -> int:
+        """Weights that multiply activations: attention projections, router, MLP / experts (`active`: the top-k
+        experts only) and the LM head. Norm scales, biases and the embedding lookup are not counted."""
+        d, hd = self.hidden_size, self.head_dim
+        experts = self.num_experts_per_tok if active else self.num_experts
+        total = self.vocab_size * d
+        for i in range(self.num_layers):
+            total += d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+            if self.is_moe_layer(i):
+                total += d * self.num_experts + experts * 3 * d * self.moe_intermediate_size
+            else:
+                total += 3 * d * self.intermediate_size
+        return total
+
     def num_params(self, active: bool = False) -> int:
         """Parameter count (embeddings included); `active=True` counts only top-k experts."""
         d, hd = self.hidden_size, self.head_dim
-        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * hd + 2 * d
+        per_layer = 2 * hd + 2 * d  # q/k norms and the two layer norms
         if self.attention_bias:
-            attn += hd * (self.num_heads + 2 * self.num_kv_heads) + d
-        total = self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d
-        experts = self.num_experts_per_tok if active else self.num_experts
-        for i in range(self.num_layers):
-            if self.is_moe_layer(i):
-                mlp = d * self.num_experts + experts * 3 * d * self.moe_intermediate_size
-            else:
-                mlp = 3 * d * self.intermediate_size
-            total += attn + mlp
-        return total
+            per_layer += hd * (self.num_heads + 2 * self.num_kv_heads) + d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d  # an untied head is in matmul_params
+        return self.matmul_params(active) + head + d + self.num_layers * per_layer
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:

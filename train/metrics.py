@@ -27,18 +27,8 @@ def flops_per_token(config: Qwen3Config, seq_len: int) -> float:
 
     Active parameters (top-k experts only), the LM head, and attention scores/values with causal
     attention counted at half (MaxText's convention)."""
-    d, hd = config.hidden_size, config.head_dim
-    attn_proj = d * hd * (2 * config.num_heads + 2 * config.num_kv_heads)
-    per_layer = []
-    for i in range(config.num_layers):
-        if config.is_moe_layer(i):
-            mlp = d * config.num_experts + config.num_experts_per_tok * 3 * d * config.moe_intermediate_size
-        else:
-            mlp = 3 * d * config.intermediate_size
-        per_layer.append(attn_proj + mlp)
-    matmul_params = sum(per_layer) + d * config.vocab_size
-    attention = config.num_layers * 2 * seq_len * config.num_heads * hd / 2  # QK^T and PV, causal half
-    return 6.0 * matmul_params + 6.0 * attention
+    attention = config.num_layers * 2 * seq_len * config.num_heads * config.head_dim / 2  # QK^T, PV; causal half
+    return 6.0 * config.matmul_params(active=True) + 6.0 * attention
 
 
 class MetricsLogger:
