@@ -28,6 +28,7 @@ import numpy as np
 
 import qwen_jax
 from benchmarks.common import markdown_table, record, time_fn
+from benchmarks.step_profile import CATEGORIES, split_cells, step_split
 from qwen_jax import ShardingRules, get_preset, make_mesh
 from train.metrics import flops_per_token, peak_flops
 from train.config import TrainConfig
@@ -62,7 +63,8 @@ def model_config(name: str, cpu: bool):
 
 
 def torch_side_by_side(cfg, tc, state, step, batch_np, rules, iters: int):
-    """-> (our median s, torch median s) over interleaved steps from the same weights and batch."""
+    """-> (our median s, torch median s, our step's time split) over interleaved steps from the same weights
+    and batch."""
     import tempfile
     import time
 
@@ -110,7 +112,8 @@ def torch_side_by_side(cfg, tc, state, step, batch_np, rules, iters: int):
         t = time.perf_counter()
         theirs()
         b.append(time.perf_counter() - t)
-    return float(np.median(a)), float(np.median(b))
+    split = step_split(ours, step.lower(holder["state"], batch).compile().as_text())
+    return float(np.median(a)), float(np.median(b)), split
 
 
 def main(argv=None):
@@ -149,16 +152,17 @@ def main(argv=None):
             return m["loss"]
 
         seconds = time_fn(run, warmup=2, iters=args.iters)
+        split = step_split(lambda: jax.block_until_ready(run()), step.lower(holder["state"], batch).compile().as_text())
         tok_s = bs * seq / seconds
         fpt = flops_per_token(cfg, seq)
         mfu = tok_s * fpt / (peak * jax.device_count()) if peak else None
         mem = jax.devices()[0].memory_stats() or {}
         rows.append([name + (" (CPU-scaled)" if cpu else ""), f"{cfg.num_params(active=True) / 1e6:,.0f}M", seq, bs,
                      seconds * 1e3, tok_s, fpt * tok_s / 1e12, "n/a" if mfu is None else f"{mfu:.1%}",
-                     f"{mem.get('peak_bytes_in_use', 0) / 2**30:.1f}" if mem else "n/a"])
+                     f"{mem.get('peak_bytes_in_use', 0) / 2**30:.1f}" if mem else "n/a", *split_cells(split)])
         del state, params, holder["state"]
     table = markdown_table(["model", "active params", "seq", "batch", "step ms", "tokens/s", "TFLOP/s", "MFU",
-                            "peak GiB"], rows)
+                            "peak GiB", *CATEGORIES], rows)
     record("Training throughput (benchmarks/train_mfu.py)", table,
            notes=("CPU run with scaled-down shapes (hidden/8, 2 layers, vocab 8192): a smoke figure, not a target"
                   if cpu else f"bf16 compute, fp32 master weights, AdamW, remat={args.remat}; MFU over "
@@ -185,13 +189,15 @@ def main_torch(args, cpu: bool):
         rng = np.random.default_rng(0)
         batch = {"tokens": rng.integers(0, cfg.vocab_size, (1, bs, seq + 1)).astype(np.int32),
                  "segment_ids": np.ones((1, bs, seq + 1), np.int32)}
-        ours, theirs = torch_side_by_side(cfg, tc, state, step, batch, rules, args.iters)
+        ours, theirs, split = torch_side_by_side(cfg, tc, state, step, batch, rules, args.iters)
         rows.append([name, f"{cfg.num_params(active=True) / 1e6:,.0f}M", f"{bs} x {seq}", bs * seq / ours,
-                     bs * seq / theirs, f"{theirs / ours:.2f}x"])
-    table = markdown_table(["model", "active params", "batch", "qwen-jax tok/s", "torch eager tok/s", "ratio"], rows)
+                     bs * seq / theirs, f"{theirs / ours:.2f}x", *split_cells(split)])
+    table = markdown_table(["model", "active params", "batch", "qwen-jax tok/s", "torch eager tok/s", "ratio",
+                            *(f"ours: {c}" for c in CATEGORIES)], rows)
     record("Training step side by side with PyTorch (benchmarks/train_mfu.py --torch)", table,
            notes=f"fp32, AdamW + clipping on both; the same weights and batch; {args.iters} interleaved steps each, "
-                 f"medians; torch {torch.__version__} eager (transformers' MoE uses its grouped_mm path)")
+                 f"medians; torch {torch.__version__} eager (transformers' MoE uses its grouped_mm path); "
+                 f"'ours: ...' columns: share of our step's summed op time (benchmarks/step_profile.py)")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def test_loss_and_gradients_match_pytorch(tmp_path, overrides, rng):
     coef = cfg.router_aux_loss_coef if cfg.is_moe else None
 
     def objective(p):
-        ce, _, aux, n = lm_loss_terms(cfg, p, batch, ForwardOptions.of(TC, None))
-        return ce / n + (coef * aux if coef else 0.0)
+        loss, _, _, aux, n = lm_loss_terms(cfg, p, batch, ForwardOptions.of(TC, None))
+        return loss / n + (coef * aux if coef else 0.0)
 
     loss, grads = jax.value_and_grad(objective)(params)
     model.train()
@@ -134,7 +134,7 @@ def test_packed_rows_equal_separate_documents(tmp_path, rng):
 
     def terms(tokens, seg):
         batch = {"tokens": jnp.asarray(tokens[None], jnp.int32), "segment_ids": jnp.asarray(seg[None], jnp.int32)}
-        ce, _, _, n = lm_loss_terms(cfg, params, batch, ForwardOptions.of(TC, None))
+        _, ce, _, _, n = lm_loss_terms(cfg, params, batch, ForwardOptions.of(TC, None))
         return float(ce), int(n)
 
     packed = terms(np.concatenate([a, b]), np.asarray([1] * 7 + [2] * 10))
@@ -144,7 +144,8 @@ def test_packed_rows_equal_separate_documents(tmp_path, rng):
 
 
 @pytest.mark.parametrize("mesh_spec,overrides", [("fsdp=2,tensor=4", dict(num_experts=8)),
-                                                 ("data=2,expert=4", dict(num_experts=8))])
+                                                 ("data=2,expert=4", dict(num_experts=8)),
+                                                 ("expert=2,tensor=4", dict(num_experts=8))])
 def test_sharded_step_keeps_placement_and_matches_unsharded(tmp_path, mesh_spec, overrides, rng):
     _, path = build(tmp_path, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, **overrides)
     cfg, params = qwen_jax.load_pretrained(path, progress=False)

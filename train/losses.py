@@ -1,8 +1,11 @@
-"""Losses. The language-model loss is chunked over tokens, so the [tokens, vocab] logits (151,936 wide for
-Qwen3) never exist at once: each chunk's logits are made, reduced and dropped, and remade in the backward
-pass (jax.checkpoint)."""
+"""Losses. The language-model losses are chunked over tokens, so the [tokens, vocab] logits (151,936 wide
+for Qwen3) never exist at once: each chunk's logits are made, reduced and dropped. The cross-entropy makes
+its gradient in the same pass (see `cross_entropy`); per-token log-probs (DPO) remake each chunk's logits in
+the backward pass (jax.checkpoint), since their gradient depends on the cotangent of every token."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,24 +23,76 @@ def _chunked(chunk: int, hidden_ND, *per_token):
     return [x.reshape(n_chunks, chunk, *x.shape[1:]) for x in arrays]
 
 
-def chunked_cross_entropy(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: jax.Array, mask_N: jax.Array,
-                          chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
-    """-> (sum of masked token cross-entropies, sum of masked logsumexp^2 for the z-loss), both float32.
+def cross_entropy(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: jax.Array, mask_N: jax.Array,
+                  z_weight: float = 0.0, chunk: int = 1024) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """-> (loss = ce + z_weight * z, ce, z): ce is the sum of masked token cross-entropies and z the sum of
+    masked logsumexp^2 (the z-loss), all float32. Only `loss` carries a gradient (ce and z are values).
 
-    hidden [N, D] in the compute dtype; head [D, V]; targets [N] int; mask [N] (1 = counts)."""
+    hidden [N, D] in the compute dtype; head [D, V]; targets [N] int; mask [N] (1 = counts).
+
+    The gradient is made in the forward pass, chunk by chunk, while each chunk's logits exist: dlogits =
+    mask * (softmax * (1 + 2 z_weight lse) - onehot(target)), then d_hidden = dlogits head^T and d_head +=
+    hidden^T dlogits. That is three [C, D] x [D, V] products per chunk, the least there is, where
+    rematerialising the logits in the backward pass would take four. Without differentiation only the loss
+    is computed."""
     head = head_DV.astype(hidden_ND.dtype)
+    loss, ce, z = _fused_ce(hidden_ND, head, targets_N, mask_N, float(z_weight), int(chunk))
+    return loss, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(z)
 
-    @jax.checkpoint
-    def one(h_CD, t_C, m_C):
-        logits = jnp.einsum("CD,DV->CV", h_CD, head, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
+
+def _ce_chunk(h_CD, head_DV, t_C, m_C):
+    """One chunk -> (logits [C, V] f32, lse [C], ce sum, z sum)."""
+    logits = jnp.einsum("CD,DV->CV", h_CD, head_DV, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, t_C[:, None], axis=-1)[:, 0]
+    m = m_C.astype(jnp.float32)
+    return logits, lse, jnp.sum((lse - target) * m), jnp.sum(lse * lse * m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_ce(hidden_ND, head_DV, targets_N, mask_N, z_weight, chunk):
+    def one(a):
+        return _ce_chunk(*a[:1], head_DV, *a[1:])[2:]
+
+    ce, z = jax.lax.map(one, tuple(_chunked(chunk, hidden_ND, targets_N, mask_N)))
+    ce, z = jnp.sum(ce), jnp.sum(z)
+    return ce + z_weight * z, ce, z
+
+
+def _fused_ce_fwd(hidden_ND, head_DV, targets_N, mask_N, z_weight, chunk):
+    N, D = hidden_ND.shape
+    dt = hidden_ND.dtype
+
+    def step(dhead_DV, a):
+        h_CD, t_C, m_C = a
+        logits = jnp.einsum("CD,DV->CV", h_CD, head_DV, preferred_element_type=jnp.float32)
+        mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+        e = jnp.exp(logits - mx[:, None])  # one exp pass gives the lse and the softmax
+        total = jnp.sum(e, axis=-1)
+        lse = mx + jnp.log(total)
         target = jnp.take_along_axis(logits, t_C[:, None], axis=-1)[:, 0]
         m = m_C.astype(jnp.float32)
-        return jnp.sum((lse - target) * m), jnp.sum(lse * lse * m)
+        ce, z = jnp.sum((lse - target) * m), jnp.sum(lse * lse * m)
+        p = e * ((1.0 + 2.0 * z_weight * lse) * m / total)[:, None]
+        dlogits = p.at[jnp.arange(t_C.shape[0]), t_C].add(-m).astype(dt)  # [C, V]
+        dh = jnp.einsum("CV,DV->CD", dlogits, head_DV, preferred_element_type=jnp.float32).astype(dt)
+        dhead_DV = dhead_DV + jnp.einsum("CD,CV->DV", h_CD, dlogits, preferred_element_type=jnp.float32)
+        return dhead_DV, (ce, z, dh)
 
-    ce, z = jax.lax.map(lambda a: one(*a), tuple(_chunked(chunk, hidden_ND, targets_N, mask_N)))
-    return jnp.sum(ce), jnp.sum(z)
+    acc = jnp.promote_types(head_DV.dtype, jnp.float32)
+    dhead, (ce, z, dh) = jax.lax.scan(step, jnp.zeros(head_DV.shape, acc),
+                                      tuple(_chunked(chunk, hidden_ND, targets_N, mask_N)))
+    ce, z = jnp.sum(ce), jnp.sum(z)
+    return (ce + z_weight * z, ce, z), (dh.reshape(-1, D)[:N], dhead.astype(head_DV.dtype))
 
+
+def _fused_ce_bwd(z_weight, chunk, res, g):
+    dh, dhead = res
+    g_loss = g[0]  # ce and z leave through stop_gradient: their cotangents are zero
+    return (dh * g_loss.astype(dh.dtype), dhead * g_loss.astype(dhead.dtype), None, None)
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def token_logprobs(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: jax.Array, chunk: int = 1024) -> jax.Array:

@@ -22,7 +22,7 @@ from qwen_jax.lora import LoraConfig
 from qwen_jax.model import output_head
 from qwen_jax.sharding import ShardingRules
 from train.config import TrainConfig
-from train.losses import chunked_cross_entropy
+from train.losses import cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +103,14 @@ def forward_rows(config: Qwen3Config, params, rows, opts: ForwardOptions) -> Row
     return RowsForward(out.hidden, tokens[:, 1:], target_mask(rows), aux)
 
 
-def lm_loss_terms(config: Qwen3Config, params, batch, opts: ForwardOptions):
-    """Sums over one micro-batch [b, T+1] -> (ce_sum, z_sum, aux, n_tokens)."""
+def lm_loss_terms(config: Qwen3Config, params, batch, opts: ForwardOptions, z_weight: float = 0.0):
+    """Sums over one micro-batch [b, T+1] -> (ce_sum + z_weight * z_sum (the differentiable one), ce_sum,
+    z_sum, aux, n_tokens)."""
     f = forward_rows(config, params, batch, opts)
     b, T, D = f.hidden.shape
-    ce, z = chunked_cross_entropy(f.hidden.reshape(b * T, D), output_head(config, params), f.targets.reshape(-1),
-                                  f.mask.reshape(-1), opts.ce_chunk)
-    return ce, z, f.aux, jnp.sum(f.mask)
+    loss, ce, z = cross_entropy(f.hidden.reshape(b * T, D), output_head(config, params), f.targets.reshape(-1),
+                                f.mask.reshape(-1), z_weight, opts.ce_chunk)
+    return loss, ce, z, f.aux, jnp.sum(f.mask)
 
 
 class LMTask:
@@ -129,14 +130,15 @@ class LMTask:
         return jnp.maximum(jnp.sum(target_mask(batch)), 1)
 
     def loss(self, trainable, frozen, mb, norm, A):
-        ce, z, aux, _ = lm_loss_terms(self.config, model_params(trainable, frozen, self.opts.lora), mb, self.opts)
-        return ce / norm + self.z_loss * z / norm + self.aux_coef * aux / A, {"ce": ce, "z": z, "aux": aux}
+        loss, ce, z, aux, _ = lm_loss_terms(self.config, model_params(trainable, frozen, self.opts.lora), mb,
+                                            self.opts, self.z_loss)
+        return loss / norm + self.aux_coef * aux / A, {"ce": ce, "z": z, "aux": aux}
 
     def metrics(self, sums, norm, A):
         return {"loss": sums["ce"] / norm, "z_loss": sums["z"] / norm, "aux_loss": sums["aux"] / A}
 
     def eval_sums(self, trainable, frozen, batch):
-        ce, _, _, n = lm_loss_terms(self.config, model_params(trainable, frozen, self.opts.lora), batch, self.opts)
+        _, ce, _, _, n = lm_loss_terms(self.config, model_params(trainable, frozen, self.opts.lora), batch, self.opts)
         return {"ce": ce, "n": n}
 
     @staticmethod
