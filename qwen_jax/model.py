@@ -217,7 +217,10 @@ class MoEBlock(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         router_logits_TE = jnp.einsum("TD,DE->TE", x_TD, w_router)
         weights, experts = moe.route(router_logits_TE, c.num_experts_per_tok, c.norm_topk_prob, dt)
-        y = moe.grouped_expert_mlp(x_TD, weights, experts, w_gate, w_up, w_down)
+        if moe.expert_parallel(self.rules):
+            y = moe.expert_parallel_mlp(x_TD, weights, experts, w_gate, w_up, w_down, self.rules)
+        else:
+            y = moe.grouped_expert_mlp(x_TD, weights, experts, w_gate, w_up, w_down)
         return y.reshape(B, T, D), router_logits_TE
 
 

@@ -47,6 +47,24 @@ def test_matches_a_per_group_reference(case, dtype, tol, rng):
         assert not np.asarray(dw, np.float64)[[0, 2, 3, 5]].any()  # groups with no rows get no gradient
 
 
+def test_rows_past_the_groups_total_are_zero(rng):
+    """Group sizes summing to less than M (expert parallelism sorts other devices' rows last): those rows
+    give zeros and get no gradient, and the rest match the reference."""
+    sizes = np.array([3, 0, 14, 6])
+    M, K, N = 40, 16, 24  # 17 rows past the groups' total
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, K, N)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+    y, vjp = jax.vjp(jax.jit(lambda x, w: grouped_matmul(x, w, jnp.asarray(sizes), block=8)), x, w)
+    dx, dw = vjp(ct)
+    n = int(sizes.sum())
+    ref_y, ref_dx, ref_dw = _reference(x[:n], w, sizes, ct[:n])
+    np.testing.assert_allclose(y[:n], ref_y, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dx[:n], ref_dx, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
+    assert not np.asarray(y[n:]).any() and not np.asarray(dx[n:]).any()
+
+
 def test_ragged_dot_impl_agrees(rng):
     sizes = np.array([5, 0, 12, 7])
     x = jnp.asarray(rng.standard_normal((24, 16)), jnp.float32)

@@ -98,3 +98,28 @@ def test_pallas_kernels_run_per_shard(rng, mesh_spec, heads, kv_heads, local):
     assert rel_err(got, kernels.paged_attention_reference(*args[:5], layer=1)) <= 1e-5
     assert _per_shard(rules, "xla", attend, (q, k, v, seg), ("q", "kv", "kv", "seq")) is not None
     assert seen.pop() == (B, heads, kv_heads)  # XLA partitions the reference itself: no shard_map
+
+
+def test_expert_parallelism_moves_tokens_not_weights(tmp_path, rng):
+    """Under an `expert` mesh axis each device keeps its experts: the compiled forward's collectives carry
+    tokens ([rows, hidden]) only, never an expert weight matrix ([.., hidden, width] or [.., width,
+    hidden]), and the logits equal the unsharded ones."""
+    import re
+
+    _, src = build(tmp_path, num_hidden_layers=2, num_experts=8, moe_intermediate_size=48)
+    cfg, params = qwen_jax.load_pretrained(src, progress=False)
+    D, F = cfg.hidden_size, cfg.moe_intermediate_size
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 16)), jnp.int32)
+    ref = jax.jit(lambda p, x: qwen_jax.forward(cfg, p, x).logits)(params, ids)
+    rules = ShardingRules(make_mesh("expert=4,data=2"))
+    sharded = jax.device_put(params, qwen_jax.param_shardings(cfg, rules))
+    ids = jax.device_put(ids, rules.sharding(("act_batch", "act_seq"), ids.shape))
+    fwd = jax.jit(lambda p, x: qwen_jax.forward(cfg, p, x, rules=rules).logits)
+    hlo = fwd.lower(sharded, ids).compile().as_text()
+    shapes = [tuple(int(n) for n in m.group(1).split(",") if n)
+              for m in re.finditer(r"= \(?[a-z0-9]+\[([\d,]*)\][^=]*?\b(?:all-gather|all-reduce|reduce-scatter|"
+                                   r"all-to-all|collective-permute)(?:-start)?\(", hlo)]
+    assert shapes, "expected the token all-gather / reduce-scatter"
+    weight_like = [s for s in shapes if s[-2:] in ((D, F), (F, D))]
+    assert not weight_like, f"expert weights move between devices: {weight_like}"
+    assert rel_err(fwd(sharded, ids), ref) <= 1e-5
