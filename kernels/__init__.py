@@ -41,10 +41,11 @@ def _hopper_or_newer() -> bool:
 
 @functools.cache
 def _self_check(kind: str, dtype_name: str, head_dim: int, interpret: bool = False) -> bool:
-    """Whether the Pallas `kind` kernel ("flash" or "paged") compiles, runs and matches its reference on a
-    small case on this machine. Run once per process before impl="auto" picks the kernel (in a thread of
-    its own, so it runs eagerly even while the caller is being traced): a kernel that cannot compile here
-    falls back with a warning instead of failing the caller's whole program."""
+    """Whether the Pallas `kind` kernel ("flash", "paged", or "grouped": the grouped matmul) compiles, runs
+    and matches its reference on a small case on this machine. Run once per process before impl="auto"
+    picks the kernel (in a thread of its own, so it runs eagerly even while the caller is being traced): a
+    kernel that cannot compile here falls back with a warning instead of failing the caller's whole
+    program."""
     import concurrent.futures
     import warnings
 
@@ -73,6 +74,20 @@ def _run_self_check(kind: str, dtype, head_dim: int, interpret: bool) -> str | N
                 outs[impl] = (attention(q, k, v, impl=impl, interpret=interpret),
                               *jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
             pairs = list(zip(outs["pallas"], outs["xla"]))
+        elif kind == "grouped":
+            from kernels.grouped_matmul import grouped_matmul
+
+            x = jax.random.normal(ks[0], (100, 64), dtype)
+            w = (jax.random.normal(ks[1], (3, 64, 128), jnp.float32) / 8).astype(dtype)
+            sizes = jnp.asarray([70, 0, 30], jnp.int32)
+            outs = {}
+            for impl in ("pallas", "blocked"):
+                def f(x, w, impl=impl):
+                    return grouped_matmul(x, w, sizes, impl=impl, interpret=interpret)
+
+                y, vjp = jax.vjp(f, x, w)
+                outs[impl] = (y, *vjp(jnp.ones_like(y)))
+            pairs = list(zip(outs["pallas"], outs["blocked"]))
         else:
             q = jax.random.normal(ks[0], (2, 1, 4, head_dim), dtype)
             pages = [jax.random.normal(kk, (8, 16, 2, head_dim), dtype) for kk in ks[1:3]]
