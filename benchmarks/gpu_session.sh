@@ -2,11 +2,12 @@
 # One call on a lent GPU: install, check the kernels on hardware and time everything; every table is
 # appended to docs/benchmarks.md (and copied to $OUT when set, for the device tool to bring back).
 #
-#     bash benchmarks/gpu_session.sh            # about 8 minutes on an H100
+#     bash benchmarks/gpu_session.sh            # about 9 minutes on an H100 (estimated)
 #
 # The attention benchmark checks each kernel against the XLA reference on the GPU before timing it
-# (flash forward and dq/dk/dv; paged decode on every case); a step that fails or runs past its time is
-# reported and the session goes on.
+# (flash forward and dq/dk/dv; paged decode on every case), and the grouped-matmul benchmark checks the
+# Pallas grouped GEMM (through impl="auto" and its self-check) against the blocked XLA form; a step that
+# fails or runs past its time is reported and the session goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --no-deps -e .
@@ -20,5 +21,6 @@ step() {
 step 150 benchmarks/attention.py --parts paged --batches 1 8 64 256 --contexts 512 4096 32768
 step 150 benchmarks/attention.py --parts flash --seqs 1024 4096 16384
 step 90 benchmarks/train_mfu.py --models qwen3-0.6b
+step 60 benchmarks/grouped_matmul.py --tokens 4096 16384 --iters 5
 step 90 benchmarks/throughput.py --no-hf
 if [ -n "${OUT:-}" ]; then cp docs/benchmarks.md "$OUT/"; fi

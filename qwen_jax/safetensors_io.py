@@ -65,7 +65,6 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: truncated file: tensor {name!r} needs bytes up to "
                                       f"{self._data_start + end}, file has {size}")
             self.entries[name] = (dtype, shape, start, end)
-        self._mmap: np.memmap | None = None
 
     def keys(self):
         return self.entries.keys()
@@ -77,13 +76,14 @@ class SafetensorsFile:
         return self.entries[name][0]
 
     def get(self, name: str) -> np.ndarray:
-        """Read-only array view of one tensor (lazy: pages are read when touched)."""
+        """Read-only array view of one tensor (lazy: pages are read when touched). Each call maps the
+        file anew and the mapping lives only as long as the view: pages a loader has copied out stop
+        counting towards the process's resident memory as soon as it drops the view (a mapping kept for
+        the whole load would hold every touched page, the size of the checkpoint, until the end)."""
         dtype, shape, start, end = self.entries[name]
         if end == start:
             return np.zeros(shape, dtype)
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        buf = self._mmap[self._data_start + start:self._data_start + end]
+        buf = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + start, shape=(end - start,))
         return buf.view(dtype).reshape(shape)
 
 
