@@ -74,7 +74,7 @@ def _acc(dtype):
 
 def _layout(group_sizes_E, num_rows: int, block: int, weight_bytes: int = 0):
     """-> (padded row of each sorted row [M] (out of range for rows past the groups' total), group of each
-    block [NBp], NBp, blocks per chunk, chunks holding any group's rows (traced))."""
+    block [NBp], NBp, blocks per chunk, chunks holding any group's rows (traced), blocks per group [E])."""
     E = group_sizes_E.shape[0]
     nb = cdiv(num_rows, block) + min(num_rows, E)
     chunk = max(1, min(nb, CHUNK_ROWS // block, CHUNK_WEIGHT_BYTES // max(weight_bytes, 1)))
@@ -89,7 +89,7 @@ def _layout(group_sizes_E, num_rows: int, block: int, weight_bytes: int = 0):
     starts = jnp.arange(nbp, dtype=jnp.int32) * block
     block_group = jnp.minimum(jnp.searchsorted(pends, starts, side="right"), E - 1)  # [NBp]; past the end: no rows
     used = (pends[-1] + chunk * block - 1) // (chunk * block)
-    return dest, block_group.astype(jnp.int32), nbp, chunk, used
+    return dest, block_group.astype(jnp.int32), nbp, chunk, used, padded // block
 
 
 def _blocks(a_MX, dest, nbp: int, block: int, chunk: int):
@@ -125,14 +125,14 @@ def _blocked(x_MK, w_EKN, group_sizes_E, block, unroll):
 
 
 def _blocked_fwd(x_MK, w_EKN, group_sizes_E, block, unroll):
-    dest, bg, nbp, chunk, used = _layout(group_sizes_E, x_MK.shape[0], block, _weight_bytes(w_EKN))
+    dest, bg, nbp, chunk, used, _ = _layout(group_sizes_E, x_MK.shape[0], block, _weight_bytes(w_EKN))
     return _product(x_MK, w_EKN, dest, bg, nbp, block, chunk, used, unroll), (x_MK, w_EKN, group_sizes_E)
 
 
 def _blocked_bwd(block, unroll, res, dy_MN):
     x_MK, w_EKN, group_sizes_E = res
     E, K, N = w_EKN.shape
-    dest, bg, nbp, chunk, used = _layout(group_sizes_E, x_MK.shape[0], block, _weight_bytes(w_EKN))
+    dest, bg, nbp, chunk, used, _ = _layout(group_sizes_E, x_MK.shape[0], block, _weight_bytes(w_EKN))
     dx = _product(dy_MN.astype(x_MK.dtype), jnp.swapaxes(w_EKN, 1, 2), dest, bg, nbp, block, chunk, used, unroll)
     xs = (_blocks(x_MK, dest, nbp, block, chunk), _blocks(dy_MN.astype(x_MK.dtype), dest, nbp, block, chunk),
           bg.reshape(nbp // chunk, chunk), jnp.arange(nbp // chunk))
@@ -159,10 +159,8 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 def _pallas_layout(group_sizes_E, num_rows: int):
     """The 64-row block layout for the Pallas kernels -> (dest, block group, NB, used blocks, each group's
     first block, each group's block count)."""
-    R = mgpu.ROWS
-    dest, bg, nbp, _, _ = _layout(group_sizes_E, num_rows, R)
-    padded = (group_sizes_E.astype(jnp.int32) + R - 1) // R  # blocks per group
-    return dest, bg, nbp, jnp.sum(padded), jnp.cumsum(padded) - padded, padded
+    dest, bg, nbp, _, _, count = _layout(group_sizes_E, num_rows, mgpu.ROWS)
+    return dest, bg, nbp, jnp.sum(count), jnp.cumsum(count) - count, count
 
 
 def _rows(a_MX, dest, nbp: int):

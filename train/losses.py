@@ -41,18 +41,23 @@ def cross_entropy(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: jax.Array
 
 
 def _ce_chunk(h_CD, head_DV, t_C, m_C):
-    """One chunk -> (logits [C, V] f32, lse [C], ce sum, z sum)."""
+    """One chunk -> (exp(logits - row max) [C, V] f32, its row sums, lse [C], ce sum, z sum): one exp pass
+    gives both the lse and (divided by the row sums) the softmax."""
     logits = jnp.einsum("CD,DV->CV", h_CD, head_DV, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    e = jnp.exp(logits - mx[:, None])
+    total = jnp.sum(e, axis=-1)
+    lse = mx + jnp.log(total)
     target = jnp.take_along_axis(logits, t_C[:, None], axis=-1)[:, 0]
     m = m_C.astype(jnp.float32)
-    return logits, lse, jnp.sum((lse - target) * m), jnp.sum(lse * lse * m)
+    return e, total, lse, jnp.sum((lse - target) * m), jnp.sum(lse * lse * m)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused_ce(hidden_ND, head_DV, targets_N, mask_N, z_weight, chunk):
     def one(a):
-        return _ce_chunk(*a[:1], head_DV, *a[1:])[2:]
+        h_CD, t_C, m_C = a
+        return _ce_chunk(h_CD, head_DV, t_C, m_C)[3:]
 
     ce, z = jax.lax.map(one, tuple(_chunked(chunk, hidden_ND, targets_N, mask_N)))
     ce, z = jnp.sum(ce), jnp.sum(z)
@@ -65,14 +70,8 @@ def _fused_ce_fwd(hidden_ND, head_DV, targets_N, mask_N, z_weight, chunk):
 
     def step(dhead_DV, a):
         h_CD, t_C, m_C = a
-        logits = jnp.einsum("CD,DV->CV", h_CD, head_DV, preferred_element_type=jnp.float32)
-        mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-        e = jnp.exp(logits - mx[:, None])  # one exp pass gives the lse and the softmax
-        total = jnp.sum(e, axis=-1)
-        lse = mx + jnp.log(total)
-        target = jnp.take_along_axis(logits, t_C[:, None], axis=-1)[:, 0]
+        e, total, lse, ce, z = _ce_chunk(h_CD, head_DV, t_C, m_C)
         m = m_C.astype(jnp.float32)
-        ce, z = jnp.sum((lse - target) * m), jnp.sum(lse * lse * m)
         p = e * ((1.0 + 2.0 * z_weight * lse) * m / total)[:, None]
         dlogits = p.at[jnp.arange(t_C.shape[0]), t_C].add(-m).astype(dt)  # [C, V]
         dh = jnp.einsum("CV,DV->CD", dlogits, head_DV, preferred_element_type=jnp.float32).astype(dt)
