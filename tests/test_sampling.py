@@ -76,7 +76,8 @@ def test_penalties_match_their_definition(rng):
     hit = seen | (counts > 0)
     ref[hit] = np.where(ref[hit] > 0, ref[hit] / 1.5, ref[hit] * 1.5)
     ref -= 0.5 * (counts > 0) + 0.25 * counts
-    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    # the subtraction can cancel to near zero, where a relative bound alone is meaningless
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kw,msg", [
