@@ -26,10 +26,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-compilation-cache", action="store_true", help="do not cache compiled programs on disk")
 
 
-def build_llm(args, **extra):
-    """The LLM from parsed engine flags (says so when it falls back to the shipped model)."""
-    from infer.llm import LLM
-    from qwen_jax.assets import DEFAULT_MODEL
+def check_engine_args(args) -> None:
+    """Range-check the engine flags (before any file is written or model loaded)."""
     from qwen_jax.errors import require
 
     for flag in ("tensor_parallel", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -44,6 +42,18 @@ def build_llm(args, **extra):
             f"--kv-cache-memory-fraction must be in (0, 1], got {args.kv_cache_memory_fraction}")
     require(args.dtype in (None, "float32", "bfloat16", "float16"),
             f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    for flag in ("model", "tokenizer"):
+        path = getattr(args, flag)
+        require(path is None or os.path.isdir(path),
+                f"--{flag} {path}: not a directory (an HF checkpoint directory is expected)")
+
+
+def build_llm(args, **extra):
+    """The LLM from parsed engine flags (says so when it falls back to the shipped model)."""
+    from infer.llm import LLM
+    from qwen_jax.assets import DEFAULT_MODEL
+
+    check_engine_args(args)
     if args.model is None:
         print(f"(no --model: using the shipped small model {os.path.relpath(DEFAULT_MODEL)}, a 4M-parameter Qwen3 "
               f"trained on Shakespeare)", file=sys.stderr)

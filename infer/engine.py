@@ -215,6 +215,10 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("a text prompt needs a tokenizer (the engine runs without one): send token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # e.g. undecodable command-line bytes (surrogate escapes)
+                raise RequestError(f"the prompt is not valid UTF-8 text (character {e.start})") from None
             ids = self.tokenizer.encode(prompt)
         else:
             try:

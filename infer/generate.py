@@ -22,9 +22,10 @@ import sys
 
 def parse_args(argv=None):
     from infer.args import add_engine_args
+    from qwen_jax.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m infer.generate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="one prompt, streamed to the terminal")
@@ -182,6 +183,10 @@ def _batch(args) -> int:
             n, obj, s = by_id[llm.engine.next_done(done)]
             results.add(_record(n, obj, s.result()))
             bar.update(1)
+    except KeyboardInterrupt as e:
+        e.args = (f"interrupted: {len(results.done)} of {len(items)} results are in {results.partial}; rerun with "
+                  f"--resume to finish",)
+        raise
     finally:
         bar.close()
         for s in streams:
@@ -196,8 +201,9 @@ def _batch(args) -> int:
 
 
 def _main(args) -> int:
-    from infer.args import build_llm
+    from infer.args import build_llm, check_engine_args
 
+    check_engine_args(args)
     sp = _sampling(args)
     if args.prompts_file:
         return _batch(args)

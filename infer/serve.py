@@ -35,9 +35,10 @@ log = logging.getLogger("infer.serve")
 
 def parse_args(argv=None):
     from infer.args import add_engine_args
+    from qwen_jax.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="python -m infer.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m infer.serve", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

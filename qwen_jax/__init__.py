@@ -5,25 +5,30 @@
     qwen_jax.save_pretrained("out_dir", config, params)
 """
 
-from qwen_jax.checkpoint import load_pretrained, save_pretrained
-from qwen_jax.config import PRESETS, Qwen3Config, get_preset
-from qwen_jax.errors import CheckpointError, ConfigError, DataError, QwenJaxError, RequestError
-from qwen_jax.model import (
-    AttentionMeta,
-    ForwardOutput,
-    abstract_params,
-    forward,
-    init_cache,
-    init_params,
-    param_logical_axes,
-    param_shardings,
-)
-from qwen_jax.sharding import ShardingRules, make_mesh
-from qwen_jax.tokenizer import Tokenizer, load_tokenizer
+import importlib
 
-__all__ = [
-    "AttentionMeta", "CheckpointError", "ConfigError", "DataError", "ForwardOutput", "PRESETS", "Qwen3Config",
-    "QwenJaxError", "RequestError", "ShardingRules", "Tokenizer", "abstract_params", "forward", "get_preset",
-    "init_cache", "init_params", "load_pretrained", "load_tokenizer", "make_mesh", "param_logical_axes",
-    "param_shardings", "save_pretrained",
-]
+# Names are loaded on first use (PEP 562), so that `import qwen_jax.cli` stays light: a CLI installs its
+# signal handlers before jax and transformers are imported, and a Ctrl-C during those imports is clean.
+_EXPORTS = {
+    "qwen_jax.checkpoint": ["load_pretrained", "save_pretrained"],
+    "qwen_jax.config": ["PRESETS", "Qwen3Config", "get_preset"],
+    "qwen_jax.errors": ["CheckpointError", "ConfigError", "DataError", "QwenJaxError", "RequestError"],
+    "qwen_jax.model": ["AttentionMeta", "ForwardOutput", "abstract_params", "forward", "init_cache", "init_params",
+                       "param_logical_axes", "param_shardings"],
+    "qwen_jax.sharding": ["ShardingRules", "make_mesh"],
+    "qwen_jax.tokenizer": ["Tokenizer", "load_tokenizer"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'qwen_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -13,10 +13,12 @@ with `jax.make_array_from_callback`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -342,10 +344,16 @@ def save_pretrained(path: str, config: Qwen3Config, params, tokenizer=None, dtyp
     """Export to an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Writes config.json, model.safetensors (or model-0000i-of-0000N.safetensors + index) and, if given,
-    the tokenizer. Tensors are pulled from the devices one HF tensor at a time; each file is written
-    under a temporary name and renamed when complete."""
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    the tokenizer. Tensors are pulled from the devices one HF tensor at a time. Everything is written into
+    PATH.incomplete first, then moved into PATH with config.json last (an older export's config.json and
+    weight files are removed first; other files in PATH stay): an export cut short (a crash, Ctrl-C) never
+    leaves a directory that looks complete, nor a mix of an old and a new export."""
+    final = os.path.abspath(os.fspath(path))
+    path = final + ".incomplete"
+    write = jax.process_index() == 0
+    if write:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
     out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(params["embed"].dtype)
     leaves = _leaves_by_path(params)
 
@@ -362,9 +370,8 @@ def save_pretrained(path: str, config: Qwen3Config, params, tokenizer=None, dtyp
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
-    write = jax.process_index() == 0
     weight_map = {}
-    bar = tqdm(total=len(items), desc=f"saving {os.path.basename(os.path.normpath(path))}", unit="tensor",
+    bar = tqdm(total=len(items), desc=f"saving {os.path.basename(final)}", unit="tensor",
                disable=not progress or None)
     for name, shard in zip(names, shards):
         tensors = {}
@@ -373,9 +380,7 @@ def save_pretrained(path: str, config: Qwen3Config, params, tokenizer=None, dtyp
             weight_map[key] = name
             bar.update(1)
         if write:
-            tmp = os.path.join(path, name + ".tmp")
-            save_file(tensors, tmp, metadata={"format": "pt"})
-            os.replace(tmp, os.path.join(path, name))
+            save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
     bar.close()
     if not write:
         return
@@ -383,9 +388,25 @@ def save_pretrained(path: str, config: Qwen3Config, params, tokenizer=None, dtyp
         total = sum(it[3] for it in items)
         write_json(os.path.join(path, "model.safetensors.index.json"),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
-    write_json(os.path.join(path, "config.json"), config.to_hf_dict(dtype=_torch_dtype_name(out_dtype)))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    write_json(os.path.join(path, "config.json"), config.to_hf_dict(dtype=_torch_dtype_name(out_dtype)))  # last
+    _move_into(path, final)
+
+
+def _move_into(staged: str, final: str) -> None:
+    """Move a complete export from `staged` into `final`: config.json (what makes a directory look like a
+    checkpoint) goes first on the way out and last on the way in."""
+    os.makedirs(final, exist_ok=True)
+    names = set(os.listdir(staged))
+    for old in ["config.json"] + sorted(os.listdir(final)):
+        if old == "config.json" or (old.startswith("model") and old.endswith((".safetensors", ".index.json"))
+                                    and old not in names):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(final, old))
+    for name in sorted(names - {"config.json"}) + ["config.json"]:
+        os.replace(os.path.join(staged, name), os.path.join(final, name))
+    os.rmdir(staged)
 
 
 def _torch_dtype_name(dtype) -> str:

@@ -16,7 +16,8 @@ import math
 import os
 from typing import Any
 
-from qwen_jax.errors import ConfigError, require
+from qwen_jax.errors import ConfigError, DataError, require
+from qwen_jax.files import read_text
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 MODEL_TYPES = ("qwen3", "qwen3_moe")
@@ -229,10 +230,14 @@ class Qwen3Config:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: config file not found")
         try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            d = json.loads(read_text(path))
+        except DataError as e:  # a directory, no permission, bytes that are not UTF-8
+            raise ConfigError(str(e)) from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')} at line "
+                              f"{getattr(e, 'lineno', '?')})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_hf_dict(d, source=path)
 
     def to_hf_dict(self, dtype: str | None = None) -> dict[str, Any]:

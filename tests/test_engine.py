@@ -267,9 +267,10 @@ def test_tokenizer_elsewhere_token_ids_only_and_max_tokens_none(dense_dir, tmp_p
     assert bad[1].error is None
 
 
-def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_path):
-    """SIGKILL a --prompts-file run once some results are written; --resume keeps them, generates the rest,
-    and the output equals an uninterrupted run's."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_path, sig):
+    """SIGKILL (or Ctrl-C) a --prompts-file run once some results are written; --resume keeps them, generates
+    the rest, and the output equals an uninterrupted run's."""
     import signal
     import time
 
@@ -287,16 +288,20 @@ def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_p
     out = tmp_path / "cut.jsonl"
     partial = tmp_path / "cut.jsonl.partial"
     proc = subprocess.Popen(common + ["--output", str(out)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if partial.exists() and len(partial.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
     kept = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
     assert 3 <= len(kept) < len(lines) and not out.exists()
+    if sig == "SIGINT":
+        assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1] == (f"interrupted: {len(kept)} of {len(lines)} results are in {partial}; "
+                                                f"rerun with --resume to finish")
     again = subprocess.run(common + ["--output", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr  # an unfinished run is never overwritten

@@ -36,6 +36,18 @@ class BadLines:
     strict: bool = False
     items: list[tuple[int, str]] = field(default_factory=list)
     total: int = 0  # lines read (good and bad)
+    notes: dict[str, list[int]] = field(default_factory=dict)  # degenerate but kept: what -> line numbers
+
+    def note(self, line: int, what: str) -> None:
+        self.notes.setdefault(what, []).append(line)
+
+    def warnings(self, examples: str) -> list[str]:
+        """One line per kind of degenerate example kept, with its count and first lines."""
+        out = []
+        for what, lines in self.notes.items():
+            first = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+            out.append(f"warning: {self.path}: {len(lines)} {examples} {what} (lines {first}); they are kept")
+        return out
 
     def add(self, line: int, reason: str) -> None:
         if self.strict:
@@ -144,6 +156,9 @@ def read_conversations(path: str, renderer: ChatRenderer, max_len: int, last_tur
         if err is not None:
             bad.add(n, err)
             continue
+        if any(m["role"] == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_calls")
+               for m in messages):
+            bad.note(n, "have an empty assistant turn")
         out.append((ids, mask))
     return out, bad, bad.total
 
@@ -223,6 +238,8 @@ def read_preferences(path: str, renderer: ChatRenderer, max_len: int, strict: bo
         if err is not None:
             bad.add(n, err)
             continue
+        if np.array_equal(pair[0], pair[2]):
+            bad.note(n, "have identical chosen and rejected replies (no preference to learn)")
         out.append(tuple(pair))
     return out, bad, bad.total
 

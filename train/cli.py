@@ -5,6 +5,7 @@ and exit code 2 is qwen_jax.cli's job; `main` adds the trainers' interruption me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -12,7 +13,7 @@ from typing import Callable
 from qwen_jax.cli import run_cli, say
 from qwen_jax.files import write_json
 
-INTERRUPTED = "interrupted: a checkpoint was saved; continue with --resume"
+INTERRUPTED = "interrupted before training started: nothing new was saved"  # the trainer and export say more
 
 
 def add_common_args(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -64,16 +65,38 @@ def resolve_dtype(name: str) -> str:
     return name
 
 
-def train_config(args, **overrides):
+def train_config(args, resolve: bool = True, **overrides):
+    """TrainConfig from the flags. resolve=False leaves jax alone (no backend yet): --dtype auto is checked as
+    float32."""
     from train.config import TrainConfig
 
     return TrainConfig(
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-        clip_norm=args.clip_norm or None, compute_dtype=resolve_dtype(args.dtype), param_dtype=args.param_dtype,
+        clip_norm=args.clip_norm or None, param_dtype=args.param_dtype,
+        compute_dtype=resolve_dtype(args.dtype) if resolve else args.dtype.replace("auto", "float32"),
         remat=args.remat, z_loss=args.z_loss, aux_loss_coef=args.aux_loss_coef, ce_chunk=args.ce_chunk,
         seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, keep=args.keep, **overrides)
+
+
+def check_args(args) -> None:
+    """Every flag that does not depend on the data, checked before any file is read or written: the
+    optimisation settings, --eval-fraction, and --out (not a file; an existing run needs --resume)."""
+    from qwen_jax.errors import ConfigError, require
+
+    tc = train_config(args, resolve=False)
+    if args.steps is None:  # set from --epochs once the data is read
+        tc = dataclasses.replace(tc, steps=max(args.warmup, 1))
+    if "--warmup" not in getattr(args, "given", {"--warmup"}):  # fine-tuning: a default warmup is capped at --steps
+        tc = dataclasses.replace(tc, warmup_steps=min(tc.warmup_steps, tc.steps))
+    tc.validate()
+    require(0 <= args.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out}: is a file, expected a run directory")
+    ckpts = os.path.join(args.out, "checkpoints")
+    if not args.resume and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+        raise ConfigError(f"{args.out} already has checkpoints: pass --resume to continue, or choose another --out")
 
 
 def init_distributed(args) -> None:
@@ -121,7 +144,12 @@ def export(out: str, config, tok, params, dtype: str, frozen=None, lora=None) ->
     if lora is not None:
         params = lora_lib.merge(frozen["base"], params, lora)
     path = os.path.join(out, "hf")
-    save_pretrained(path, config, params, tokenizer=tok, dtype=jnp.dtype(dtype), progress=False)
+    try:
+        save_pretrained(path, config, params, tokenizer=tok, dtype=jnp.dtype(dtype), progress=False)
+    except KeyboardInterrupt as e:
+        e.args = (f"interrupted during the export to {path} (the training is saved): rerun with --resume to "
+                  f"export",)
+        raise
     return path
 
 

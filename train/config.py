@@ -38,15 +38,23 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         require(self.steps > 0, f"--steps must be positive, got {self.steps}")
         require(self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
                 f"--batch-size ({self.batch_size}) must be a positive multiple of --grad-accum ({self.grad_accum})")
         require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be positive and --min-lr-ratio in [0, 1]")
         require(0 <= self.warmup_steps <= self.steps, f"--warmup ({self.warmup_steps}) must be in [0, --steps]")
         require(self.remat in REMAT_POLICIES, f"--remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
-        for name in ("compute_dtype", "param_dtype"):
+        for name, flag in (("compute_dtype", "--dtype"), ("param_dtype", "--param-dtype")):
             require(getattr(self, name) in ("float32", "bfloat16", "float16"),
-                    f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+                    f"{flag} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
         require(self.keep >= 1 and self.save_every >= 1, "--keep and --save-every must be >= 1")
         require(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
         require(self.ce_chunk >= 1, f"--ce-chunk must be >= 1, got {self.ce_chunk}")
+        require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require(self.clip_norm is None or self.clip_norm > 0, f"--clip-norm must be >= 0, got {self.clip_norm}")
+        require(self.z_loss >= 0, f"--z-loss must be >= 0, got {self.z_loss}")
+        require(self.aux_loss_coef is None or self.aux_loss_coef >= 0,
+                f"--aux-loss-coef must be >= 0, got {self.aux_loss_coef}")
+        require(self.eval_every >= 0 and self.eval_batches >= 1,
+                f"--eval-every must be >= 0 and --eval-batches >= 1, got {self.eval_every} and {self.eval_batches}")
         return self

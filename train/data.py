@@ -1,7 +1,8 @@
 """Training data: read documents, tokenise, pack into fixed-length rows with segment ids, iterate.
 
 * Documents come from .txt (one document per file), .jsonl (one per line, field `text`) or .parquet (column
-  `text`) files, optionally .gz / .xz / .bz2 compressed, or from directories of them.
+  `text`) files, optionally .gz / .xz / .bz2 compressed, or from directories of them, all read by the one
+  reader in qwen_jax.files (one-line errors naming file, line and byte offset).
 * Each document is tokenised, ends with the end-of-text token, and is packed back to back into rows of
   `seq_len + 1` tokens. A row's segment ids mark the documents, so attention never crosses a boundary and
   no target is predicted across one.
@@ -14,28 +15,18 @@ million tokens per host.
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
+import hashlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from qwen_jax.errors import DataError
 from kernels.util import cdiv
-from qwen_jax.files import iter_jsonl
+from qwen_jax.errors import DataError
+from qwen_jax.files import check_text, iter_jsonl, kind, read_parquet_column, read_text
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "shakespeare.jsonl.xz")
-_OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 _KINDS = (".txt", ".jsonl", ".json", ".parquet")
-
-
-def _kind(path: str) -> tuple[str, object]:
-    base, comp = os.path.splitext(path)
-    opener = _OPENERS.get(comp)
-    ext = os.path.splitext(base)[1] if opener else comp
-    return ext, opener or open
 
 
 def _expand(paths: list[str]) -> list[str]:
@@ -43,8 +34,8 @@ def _expand(paths: list[str]) -> list[str]:
     for p in paths:
         if os.path.isdir(p):
             for root, _, names in sorted(os.walk(p)):
-                files += [os.path.join(root, n) for n in sorted(names) if _kind(n)[0] in _KINDS]
-        elif os.path.isfile(p):
+                files += [os.path.join(root, n) for n in sorted(names) if kind(n)[0] in _KINDS]
+        elif os.path.exists(p):
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or directory")
@@ -53,34 +44,48 @@ def _expand(paths: list[str]) -> list[str]:
     return files
 
 
-def read_documents(paths: list[str] | str, text_field: str = "text") -> list[str]:
-    """All non-empty documents from files or directories, in a stable order."""
+def read_documents(paths: list[str] | str, text_field: str = "text",
+                   warn: Callable[[str], None] | None = None) -> list[str]:
+    """All non-empty documents from files or directories, in a stable order. Every file goes through the
+    one reader (qwen_jax.files); a document that is not text is refused; exact duplicates are kept and
+    counted in one warning."""
     docs: list[str] = []
+    where: list[str] = []
     for path in _expand([paths] if isinstance(paths, str) else list(paths)):
-        ext, opener = _kind(path)
+        ext = kind(path)[0]
         if ext == ".txt":
-            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-                docs.append(f.read())
+            docs.append(read_text(path))
+            where.append(path)
         elif ext in (".jsonl", ".json"):
-            for n, obj in iter_jsonl(path, opener):
+            for n, obj in iter_jsonl(path):
                 if not isinstance(obj.get(text_field), str):
                     raise DataError(f"{path}:{n}: expected an object with a string field {text_field!r}")
                 docs.append(obj[text_field])
+                where.append(f"{path}:{n}")
         elif ext == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-            table = pq.read_table(path)
-            if text_field not in table.column_names:
-                raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
-            docs += [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
+            for i, t in enumerate(read_parquet_column(path, text_field)):
+                if isinstance(t, str):
+                    docs.append(t)
+                    where.append(f"{path} row {i}")
         else:
-            raise DataError(f"{path}: unsupported file type (use .txt, .jsonl or .parquet)")
-    docs = [d for d in docs if d.strip()]
-    if not docs:
+            raise DataError(f"{path}: unsupported file type (use .txt, .jsonl or .parquet, optionally .gz/.xz/.bz2)")
+    kept = [(d, w) for d, w in zip(docs, where) if d.strip()]
+    if not kept:
         raise DataError(f"no non-empty documents in {paths}")
-    return docs
+    seen: dict[bytes, str] = {}
+    duplicates = []
+    for d, w in kept:
+        check_text(d, w)
+        h = hashlib.blake2b(d.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if h in seen:
+            duplicates.append((w, seen[h]))
+        else:
+            seen[h] = w
+    if duplicates and warn is not None:
+        w, first = duplicates[0]
+        warn(f"warning: {len(duplicates)} of {len(kept)} documents are exact duplicates of earlier ones (first: "
+             f"{w}, same as {first}); they are kept")
+    return [d for d, _ in kept]
 
 
 def tokenize_documents(tokenizer, docs: list[str], eos_id: int) -> list[np.ndarray]:
@@ -154,13 +159,18 @@ class RowDataset:
     def _rows(self, rows) -> dict[str, np.ndarray]:
         return {k: v[rows] for k, v in self.arrays.items()}
 
+    def check_batch(self, batch_size: int) -> "RowDataset":
+        """DataError unless the dataset holds at least one batch."""
+        if len(self) < batch_size:
+            raise DataError(f"dataset has {len(self)} rows of {self.tokens.shape[-1]} tokens, fewer than one "
+                            f"batch of {batch_size}; use more data, a smaller --batch-size or --seq-len")
+        return self
+
     def batches(self, batch_size: int, seed: int, state: dict | None = None) -> Iterator[tuple[dict, dict]]:
         """Endless (batch, state-after-this-batch) pairs: rows shuffled per epoch from (seed, epoch).
 
         Drops each epoch's last partial batch. `state` = {"epoch", "index"} resumes exactly."""
-        if len(self) < batch_size:
-            raise DataError(f"dataset has {len(self)} rows of {self.tokens.shape[-1]} tokens, fewer than one "
-                            f"batch of {batch_size}; use more data, a smaller --batch-size or --seq-len")
+        self.check_batch(batch_size)
         epoch, index = (state["epoch"], state["index"]) if state else (0, 0)
         per_epoch = len(self) // batch_size
         while True:

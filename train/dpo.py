@@ -33,9 +33,10 @@ DEMO = dict(steps=30, seq_len=256, lr=2e-4, warmup=3, out=os.path.join("runs", "
 def parse_args(argv=None):
     from train import finetune as F
     from train.preference import LOSS_TYPES
+    from qwen_jax.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="python -m train.dpo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.dpo", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     F.add_finetune_args(p, "dpo_pairs.jsonl", DEFAULTS)
     g = p.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1, help="KL strength beta (default: %(default)s)")
@@ -81,6 +82,7 @@ def _main(args) -> int:
     from train import chat_data as C
     from train import finetune as F
     from train import cli
+    from qwen_jax.cli import check_interrupt
     from train.cli import say, train_config
     from train.data import RowDataset
     from train.preference import DPOConfig, DPOTask, precompute_reference
@@ -91,7 +93,8 @@ def _main(args) -> int:
     lora = F.lora_config(args)
     paths = args.data or [os.path.join(F.DEMO_DIR, "dpo_pairs.jsonl")]
     renderer = C.ChatRenderer(tok)
-    pairs = F.read_all(paths, lambda p: C.read_preferences(p, renderer, args.seq_len + 1, args.strict), say)
+    pairs = F.read_all(paths, lambda p: C.read_preferences(p, renderer, args.seq_len + 1, args.strict),
+                       say, "pairs")
     longest = max(max(len(p[0]), len(p[2])) for p in pairs)
     row_len = min(args.seq_len + 1, cdiv(longest, 16) * 16)  # pad only as far as the longest pair needs
     args.seq_len = row_len - 1
@@ -106,6 +109,8 @@ def _main(args) -> int:
     F.resolve_steps(args, len(train_ds))
     tc = train_config(args)
     tc.validate()
+    train_ds.check_batch(tc.batch_size)
+    check_interrupt()
     say(f"model: {args.model} ({config.num_params() / 1e6:.1f}M params) | data: {len(train_p)} train / "
         f"{len(eval_p)} held-out pairs, rows of {row_len} tokens | {dpo.loss_type} loss, beta {dpo.beta} | "
         f"{'LoRA rank ' + str(lora.rank) if lora else 'full fine-tuning'} | {tc.steps} steps on "

@@ -56,23 +56,31 @@ def lora_config(args):
 
 
 def setup(args):
-    """Distributed init, mesh, tokenizer and config (no weights yet) -> (rules, tokenizer, config)."""
+    """Flag checks, distributed init, mesh, tokenizer and config (no weights yet) -> (rules, tokenizer,
+    config)."""
     from qwen_jax import Qwen3Config, ShardingRules, load_tokenizer, make_mesh
-    from qwen_jax.errors import CheckpointError
-    from train.cli import init_distributed
+    from qwen_jax.errors import CheckpointError, require
+    from train.cli import check_args, init_distributed
 
+    check_args(args)
+    require(args.epochs > 0, f"--epochs must be positive, got {args.epochs}")
+    require(args.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {args.lora_rank}")
+    for flag in ("model", "ref_model"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isdir(path):
+            raise CheckpointError(f"--{flag.replace('_', '-')} {path}: not a directory (an HF checkpoint directory "
+                                  f"is expected)")
     init_distributed(args)
-    if not os.path.isdir(args.model):
-        raise CheckpointError(f"--model {args.model}: not a directory (an HF checkpoint directory is expected)")
     args.mesh_obj = make_mesh(args.mesh)
     rules = ShardingRules(args.mesh_obj)
-    tok = load_tokenizer(args.model)
     config = Qwen3Config.from_json_file(args.model)
+    tok = load_tokenizer(args.model)
     return rules, tok, config
 
 
-def read_all(paths, read_one, say) -> list:
-    """Examples from every file; reports the skipped lines of each; DataError when nothing is usable."""
+def read_all(paths, read_one, say, examples_name: str = "examples") -> list:
+    """Examples from every file; reports the skipped lines and the degenerate examples of each; DataError
+    when nothing is usable."""
     from qwen_jax.errors import DataError
 
     examples, total = [], 0
@@ -82,6 +90,8 @@ def read_all(paths, read_one, say) -> list:
         total += n
         if bad.items:
             say("warning: " + bad.summary(n))
+        for line in bad.warnings(examples_name):
+            say(line)
     if not examples:
         raise DataError(f"no usable examples in {', '.join(paths)} ({total} lines read)")
     return examples

@@ -14,6 +14,7 @@ held-out perplexity, checkpoints, and exports an HF directory to runs/pretrain-d
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -28,9 +29,10 @@ DEFAULTS = dict(steps=400, seq_len=256, batch_size=16, lr=3e-3, warmup=40, weigh
 
 def parse_args(argv=None):
     from train.cli import add_common_args
+    from qwen_jax.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.pretrain", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--config", default=None,
                    help="a preset (qwen3-0.6b, ..., qwen3-30b-a3b), an HF config.json, or an HF checkpoint directory "
@@ -47,17 +49,16 @@ def parse_args(argv=None):
 
 
 def _model_and_tokenizer(args, docs_for_bpe):
-    """-> (config, tokenizer, params or None (random init later))."""
-    import jax.numpy as jnp
-
-    from qwen_jax import ConfigError, Qwen3Config, get_preset, load_pretrained, load_tokenizer
+    """-> (config, tokenizer, HF checkpoint directory to continue from or None (random init)). Reads no
+    weights, so a bad --config is reported before any data is read or weight loaded."""
+    from qwen_jax import ConfigError, Qwen3Config, get_preset, load_tokenizer
     from train.data import train_bpe_tokenizer
 
     run_cfg = os.path.join(args.out, "config.json")
     run_tok = os.path.join(args.out, "tokenizer")
     if args.resume and os.path.exists(run_cfg):  # the run's own config and tokenizer win on resume
         return Qwen3Config.from_json_file(run_cfg), load_tokenizer(run_tok), None
-    params = None
+    checkpoint = None
     if args.config is None:
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else train_bpe_tokenizer(docs_for_bpe(),
                                                                                          args.vocab_size)
@@ -65,11 +66,10 @@ def _model_and_tokenizer(args, docs_for_bpe):
         config = Qwen3Config(vocab_size=tok.vocab_size, bos_token_id=None, eos_token_id=eos, pad_token_id=eos,
                              **DEFAULT_MODEL)
     elif os.path.isdir(args.config):
+        config = Qwen3Config.from_json_file(args.config)
         if os.path.exists(os.path.join(args.config, "model.safetensors")) or os.path.exists(
                 os.path.join(args.config, "model.safetensors.index.json")):
-            config, params = load_pretrained(args.config, dtype=jnp.dtype(args.param_dtype), mesh=args.mesh_obj)
-        else:
-            config = Qwen3Config.from_json_file(args.config)
+            checkpoint = args.config
         tok = load_tokenizer(args.tokenizer or args.config)
     else:
         config = (Qwen3Config.from_json_file(args.config) if args.config.endswith(".json")
@@ -80,7 +80,7 @@ def _model_and_tokenizer(args, docs_for_bpe):
     if tok.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                           f"{config.vocab_size}")
-    return config, tok, params
+    return config, tok, checkpoint
 
 
 def main(argv=None) -> int:
@@ -93,33 +93,44 @@ def _main(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from qwen_jax import ShardingRules, init_params, make_mesh
+    from qwen_jax import ShardingRules, init_params, load_pretrained, make_mesh
+    from qwen_jax.cli import check_interrupt
+    from qwen_jax.errors import require
     from train import cli
     from train import data as D
     from train.cli import init_distributed, say, train_config
     from train.trainer import fit
 
+    cli.check_args(args)
+    require(args.vocab_size >= 266, f"--vocab-size must be >= 266 (the 256 bytes and Qwen's special tokens), got "
+                                    f"{args.vocab_size}")
     init_distributed(args)
     tc = train_config(args)
     tc.validate()
     args.mesh_obj = make_mesh(args.mesh)
     rules = ShardingRules(args.mesh_obj)
     paths = args.data or [D.DEFAULT_CORPUS]
-    docs = D.read_documents(paths, args.text_field)
-    config, tok, params = _model_and_tokenizer(args, lambda: docs)
-    meta = {"command": "pretrain", "model": config.to_hf_dict(), "data": [os.path.abspath(p) for p in paths],
-            "train": dict(vars(tc))}
-    cli.write_run_files(args.out, config, tok, meta)
+    read = functools.cache(lambda: D.read_documents(paths, args.text_field, warn=say))
+    config, tok, checkpoint = _model_and_tokenizer(args, read)  # the default model's BPE reads the data first
+    docs = read()
+    check_interrupt()
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else tok.eos_token_ids[0]
     tokenized = D.tokenize_documents(tok, docs, eos)
     train_docs, eval_docs = D.split_holdout(tokenized, args.eval_fraction, args.seed)
     train_ds = D.PackedDataset(*D.pack(train_docs, tc.seq_len + 1))
     eval_ds = D.PackedDataset(*D.pack(eval_docs, tc.seq_len + 1))
+    train_ds.check_batch(tc.batch_size)
+    check_interrupt()
+    meta = {"command": "pretrain", "model": config.to_hf_dict(), "data": [os.path.abspath(p) for p in paths],
+            "train": dict(vars(tc))}
+    cli.write_run_files(args.out, config, tok, meta)
     entropy = D.unigram_entropy(train_ds, config.vocab_size)
     say(f"model: {config.model_type}, {config.num_params() / 1e6:.2f}M params | data: {len(docs)} documents, "
         f"{train_ds.num_tokens:,} train / {eval_ds.num_tokens:,} held-out tokens, unigram entropy {entropy:.3f} "
         f"nats | mesh {dict(args.mesh_obj.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
-    if params is None:
+    if checkpoint is not None:
+        config, params = load_pretrained(checkpoint, dtype=jnp.dtype(tc.param_dtype), mesh=args.mesh_obj)
+    else:
         params = init_params(config, jax.random.key(tc.seed), jnp.dtype(tc.param_dtype), rules)
     result = fit(config, tc, params, train_ds, eval_ds if len(eval_ds) else None, args.out, rules,
                  resume=args.resume, meta=meta, progress=not args.no_progress)

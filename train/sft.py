@@ -30,9 +30,10 @@ DEMO = dict(steps=100, seq_len=256, lr=1e-3, warmup=10, out=os.path.join("runs",
 
 def parse_args(argv=None):
     from train import finetune as F
+    from qwen_jax.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="python -m train.sft", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.sft", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     F.add_finetune_args(p, "sft_chats.jsonl", DEFAULTS)
     p.add_argument("--last-turn-only", action="store_true", help="loss on the final assistant turn only")
     return F.parse_with_demo(p, argv, DEMO)
@@ -50,6 +51,7 @@ def _main(args) -> int:
     from train import chat_data as C
     from train import finetune as F
     from train import cli
+    from qwen_jax.cli import check_interrupt
     from train.cli import say, train_config
     from train.data import PackedDataset
     from train.tasks import LMTask
@@ -61,7 +63,7 @@ def _main(args) -> int:
     renderer = C.ChatRenderer(tok)
     row_len = args.seq_len + 1
     examples = F.read_all(paths, lambda p: C.read_conversations(p, renderer, row_len, args.last_turn_only,
-                                                                args.strict), say)
+                                                                args.strict), say, "conversations")
     train_ex, eval_ex = C.split_examples(examples, args.eval_fraction, args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_ds = PackedDataset(*C.pack_conversations(train_ex, row_len, pad))
@@ -69,6 +71,8 @@ def _main(args) -> int:
     F.resolve_steps(args, len(train_ds))
     tc = train_config(args)
     tc.validate()
+    train_ds.check_batch(tc.batch_size)
+    check_interrupt()
     n_loss = int(train_ds.arrays["loss_mask"].sum())
     say(f"model: {args.model} ({config.num_params() / 1e6:.1f}M params) | data: {len(train_ex)} train / "
         f"{len(eval_ex)} held-out conversations in {len(train_ds)} rows of {row_len} tokens, {n_loss:,} "

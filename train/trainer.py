@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from qwen_jax.cli import say
+from qwen_jax.cli import check_interrupt, deferred_interrupts, say
 from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import ConfigError
 from qwen_jax.sharding import ShardingRules
@@ -100,6 +100,7 @@ def evaluate(eval_step, params, ds: RowDataset, batch_size: int, max_batches: in
     For the LM task: {"eval_loss": mean token cross-entropy, "eval_ppl"}."""
     total = None
     for batch in ds.sequential(batch_size, max_batches):
+        check_interrupt()
         sums = jax.device_get(eval_step(params, put_batch(batch, rules), frozen))
         total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
     return (task or LMTask).eval_metrics(total)
@@ -111,8 +112,10 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
     """Train `params` (the trainable tree: all weights, or LoRA adapters with the base in `frozen`) for
     tc.steps optimizer steps, resuming from out_dir/checkpoints when asked. Returns {"state", "step",
     "resumed_from", "train_loss", "eval_loss", "eval" (the task's held-out metrics), "last" (last logged)}.
-    An interruption (Ctrl-C, SIGTERM) saves a checkpoint of the last completed step before it propagates."""
+    An interruption (Ctrl-C, SIGTERM) stops the loop between steps, logs and saves a checkpoint of the last
+    completed step, and propagates with a message saying what was saved."""
     tc.validate()
+    check_interrupt()
     task = task or LMTask.of(config, tc, rules)
     optimizer = make_optimizer(tc)
     state = init_state(params, optimizer, tc.seed)
@@ -146,40 +149,59 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
 
     t0, steps_since = time.perf_counter(), 0
     step = saved = start
+    unlogged = None  # the newest step's metrics while not yet in metrics.jsonl
+
+    def log_step(step, metrics):
+        nonlocal t0, steps_since
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - t0
+        tok_s = steps_since * tokens_per_step / dt
+        mfu = tok_s * fpt / (peak * jax.device_count()) if peak else None
+        if not math.isfinite(float(metrics["loss"])):
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
+        logger.log(step, {**metrics, "tokens_per_s": tok_s, "mfu": mfu})
+        last["train_loss"] = float(metrics["loss"])
+        last["last"] = {k: float(v) for k, v in metrics.items()}
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}",
+                        **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+        t0, steps_since = time.perf_counter(), 0
+
     try:
-        while step < tc.steps:
-            batch, next_data_state = next(batches)
-            batch = {k: v.reshape(tc.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
-            state, metrics = train_step(state, put_batch(batch, rules, lead=1), frozen)
-            step, data_state = step + 1, next_data_state
-            steps_since += 1
-            if step % tc.log_every == 0 or step == tc.steps:
-                metrics = jax.device_get(metrics)
-                dt = time.perf_counter() - t0
-                tok_s = steps_since * tokens_per_step / dt
-                mfu = tok_s * fpt / (peak * jax.device_count()) if peak else None
-                if not math.isfinite(float(metrics["loss"])):
-                    raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
-                logger.log(step, {**metrics, "tokens_per_s": tok_s, "mfu": mfu})
-                last["train_loss"] = float(metrics["loss"])
-                last["last"] = {k: float(v) for k, v in metrics.items()}
-                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}",
-                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
-                t0, steps_since = time.perf_counter(), 0
-            bar.update(1)
-            if eval_ds is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                run_eval(step)
-                t0 = time.perf_counter()
-            if step % tc.save_every == 0 or step == tc.steps:
-                ckpt.save(step, state, data_state, meta, force=step == tc.steps)
-                saved = step
+        with deferred_interrupts():  # signals stop the loop between steps, never inside one
+            while step < tc.steps:
+                check_interrupt()
+                batch, next_data_state = next(batches)
+                batch = {k: v.reshape(tc.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
+                state, metrics = train_step(state, put_batch(batch, rules, lead=1), frozen)
+                step, data_state = step + 1, next_data_state
+                steps_since += 1
+                unlogged = (step, metrics)
+                save = step % tc.save_every == 0 or step == tc.steps
+                if step % tc.log_every == 0 or save:  # every checkpointed step is in metrics.jsonl
+                    log_step(step, metrics)
+                    unlogged = None
+                bar.update(1)
+                if eval_ds is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                    run_eval(step)
+                    t0 = time.perf_counter()
+                if save:
+                    ckpt.save(step, state, data_state, meta, force=step == tc.steps)
+                    saved = step
+            check_interrupt()
         bar.close()
         if eval_ds is not None:
             last["eval"] = run_eval(step)
             last["eval_loss"] = last["eval"]["eval_loss"] if last["eval"] else None
-    except KeyboardInterrupt:
-        if step > saved:
+    except KeyboardInterrupt as e:
+        intact = not any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array))
+        if step > saved and intact:
+            if unlogged is not None and unlogged[0] == step:
+                log_step(*unlogged)
             ckpt.save(step, state, data_state, meta, force=True)
+            saved = step
+        where = os.path.join(out_dir, "checkpoints")
+        e.args = (f"interrupted at step {step}: checkpoint {saved} is in {where}; continue with --resume"
+                  if saved else "interrupted before the first step: nothing was saved",)
         raise
     finally:
         bar.close()
