@@ -1,17 +1,10 @@
 """Inference: paged KV cache, continuous batching, sampling, the online engine, `python -m infer.generate` and
 `python -m infer.serve`."""
 
-import importlib
+from qwen_jax.lazy import lazy_exports
 
-# Loaded on first use (PEP 562): `python -m infer.generate` installs its signal handlers before jax loads.
-_WHERE = {"CompletionOutput": "infer.engine", "Engine": "infer.engine", "RequestOutput": "infer.engine",
-          "StreamDelta": "infer.engine", "LLM": "infer.llm", "SamplingParams": "infer.sampling"}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'infer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
+__all__, __getattr__ = lazy_exports("infer", {
+    "infer.engine": ["CompletionOutput", "Engine", "RequestOutput", "StreamDelta"],
+    "infer.llm": ["LLM"],
+    "infer.sampling": ["SamplingParams"],
+}, globals())  # loaded on first use: see qwen_jax/lazy.py

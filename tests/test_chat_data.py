@@ -129,3 +129,17 @@ def test_preference_lines(tmp_path, tok):
     assert "Be brief." in tok.decode(ci[cm == 0], skip_special_tokens=False)
     tokens, seg, mask = C.pad_pairs(pairs, 64, pad_id=0)
     assert tokens.shape == (2, 2, 64) and seg[0, 0, :len(pairs[0][0])].all() and not seg[0, 0, len(pairs[0][0]):].any()
+
+
+def test_degenerate_examples_are_kept_and_counted_in_one_warning(tmp_path, tok):
+    empty_turn = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": "  "}]
+    chats = _write(tmp_path / "chats.jsonl", [{"messages": CONVO}, {"messages": empty_turn},
+                                              {"messages": CONVO[:2] + empty_turn[1:] + CONVO[3:]}])
+    convos, bad, _ = C.read_conversations(chats, C.ChatRenderer(tok), max_len=256)
+    assert len(convos) == 3 and not bad.items
+    assert bad.warnings() == [f"warning: {chats}: an empty assistant turn on 2 of 3 lines (2, 3); kept"]
+    prefs = _write(tmp_path / "prefs.jsonl", [{"prompt": "Hi", "chosen": "Good morrow.", "rejected": "Go away."},
+                                              {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}])
+    pairs, bad, _ = C.read_preferences(prefs, C.ChatRenderer(tok), max_len=128)
+    assert len(pairs) == 2 and bad.warnings() == [
+        f"warning: {prefs}: identical chosen and rejected replies (no preference to learn) on 1 of 2 lines (2); kept"]

@@ -188,7 +188,8 @@ def _steps_logged(out):
         return []
 
 
-@pytest.mark.parametrize("sig,when", [(signal.SIGINT, "imports"), (signal.SIGTERM, "compile")])
+@pytest.mark.parametrize("when", ["imports", "compile"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_at_start_up_stops_the_run_cleanly(tiny, tmp_path, sig, when):
     """Before the loop: while Python imports, and while the first step compiles (where a KeyboardInterrupt
     used to be swallowed by a garbage-collection callback and the run went on to the end)."""
@@ -208,14 +209,25 @@ def test_a_signal_at_start_up_stops_the_run_cleanly(tiny, tmp_path, sig, when):
     assert not (out / "hf").exists() and _steps_logged(out) == []
 
 
-@pytest.mark.parametrize("sig,when", [(signal.SIGINT, "loop"), (signal.SIGTERM, "save")])
-def test_a_signal_mid_run_saves_logs_and_resumes_to_the_uninterrupted_result(tiny, tmp_path, sig, when):
+MID_RUN_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    ref = _run(_args(tiny, out, MID_RUN_STEPS, "--no-export", "--save-every", "100"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return _losses(out)
+
+
+@pytest.mark.parametrize("when", ["loop", "save"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_run_saves_logs_and_resumes_to_the_uninterrupted_result(tiny, tmp_path, uninterrupted, sig,
+                                                                             when):
     """In the loop (after a few steps) or while an asynchronous checkpoint is being written: exit 130 / 143,
     a checkpoint of the last completed step, metrics.jsonl through that step, and --resume ends where an
     uninterrupted run ends, bit for bit."""
-    steps = 200
-    ref = _run(_args(tiny, tmp_path / "ref", steps, "--no-export", "--save-every", "100"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    steps = MID_RUN_STEPS
     out = tmp_path / "run"
     proc = _start(_args(tiny, out, steps, "--no-export"))
     ckpts = out / "checkpoints"
@@ -236,6 +248,6 @@ def test_a_signal_mid_run_saves_logs_and_resumes_to_the_uninterrupted_result(tin
     resumed = _run(_args(tiny, out, steps, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from"] == step
-    ref_losses, got = _losses(tmp_path / "ref"), _losses(out)
+    got = _losses(out)
     assert sorted(got) == list(range(1, steps + 1))
-    assert all(got[s] == ref_losses[s] for s in got)
+    assert all(got[s] == uninterrupted[s] for s in got)

@@ -41,12 +41,12 @@ class BadLines:
     def note(self, line: int, what: str) -> None:
         self.notes.setdefault(what, []).append(line)
 
-    def warnings(self, examples: str) -> list[str]:
+    def warnings(self) -> list[str]:
         """One line per kind of degenerate example kept, with its count and first lines."""
         out = []
         for what, lines in self.notes.items():
             first = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
-            out.append(f"warning: {self.path}: {len(lines)} {examples} {what} (lines {first}); they are kept")
+            out.append(f"warning: {self.path}: {what} on {len(lines)} of {self.total} lines ({first}); kept")
         return out
 
     def add(self, line: int, reason: str) -> None:
@@ -158,7 +158,7 @@ def read_conversations(path: str, renderer: ChatRenderer, max_len: int, last_tur
             continue
         if any(m["role"] == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_calls")
                for m in messages):
-            bad.note(n, "have an empty assistant turn")
+            bad.note(n, "an empty assistant turn")
         out.append((ids, mask))
     return out, bad, bad.total
 
@@ -239,7 +239,7 @@ def read_preferences(path: str, renderer: ChatRenderer, max_len: int, strict: bo
             bad.add(n, err)
             continue
         if np.array_equal(pair[0], pair[2]):
-            bad.note(n, "have identical chosen and rejected replies (no preference to learn)")
+            bad.note(n, "identical chosen and rejected replies (no preference to learn)")
         out.append(tuple(pair))
     return out, bad, bad.total
 

@@ -93,8 +93,7 @@ def _main(args) -> int:
     lora = F.lora_config(args)
     paths = args.data or [os.path.join(F.DEMO_DIR, "dpo_pairs.jsonl")]
     renderer = C.ChatRenderer(tok)
-    pairs = F.read_all(paths, lambda p: C.read_preferences(p, renderer, args.seq_len + 1, args.strict),
-                       say, "pairs")
+    pairs = F.read_all(paths, lambda p: C.read_preferences(p, renderer, args.seq_len + 1, args.strict), say)
     longest = max(max(len(p[0]), len(p[2])) for p in pairs)
     row_len = min(args.seq_len + 1, cdiv(longest, 16) * 16)  # pad only as far as the longest pair needs
     args.seq_len = row_len - 1

@@ -78,7 +78,7 @@ def setup(args):
     return rules, tok, config
 
 
-def read_all(paths, read_one, say, examples_name: str = "examples") -> list:
+def read_all(paths, read_one, say) -> list:
     """Examples from every file; reports the skipped lines and the degenerate examples of each; DataError
     when nothing is usable."""
     from qwen_jax.errors import DataError
@@ -90,7 +90,7 @@ def read_all(paths, read_one, say, examples_name: str = "examples") -> list:
         total += n
         if bad.items:
             say("warning: " + bad.summary(n))
-        for line in bad.warnings(examples_name):
+        for line in bad.warnings():
             say(line)
     if not examples:
         raise DataError(f"no usable examples in {', '.join(paths)} ({total} lines read)")

@@ -63,7 +63,7 @@ def _main(args) -> int:
     renderer = C.ChatRenderer(tok)
     row_len = args.seq_len + 1
     examples = F.read_all(paths, lambda p: C.read_conversations(p, renderer, row_len, args.last_turn_only,
-                                                                args.strict), say, "conversations")
+                                                                args.strict), say)
     train_ex, eval_ex = C.split_examples(examples, args.eval_fraction, args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_ds = PackedDataset(*C.pack_conversations(train_ex, row_len, pad))
