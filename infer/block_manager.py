@@ -106,6 +106,13 @@ class BlockManager:
         block.hash, block.token_ids = h, tokens
         self.hash_to_block[h] = block.id
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (the K/V were computed with weights that have since changed). Blocks
+        held by live sequences stay theirs; only their sharing ends."""
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
+        self.hash_to_block.clear()
+
     def deallocate(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]

@@ -236,6 +236,15 @@ class Engine:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {V})")
         return ids
 
+    def update_params(self, params, timeout: float = 600.0) -> None:
+        """Serve `params` (same tree and placement as before) from the next step on, and forget the prefix
+        cache (its K/V came from the old weights). Thread-safe: the loop thread makes the switch between
+        two steps; this call returns once it has. RL rollouts call it with the trainer's current weights."""
+        done = threading.Event()
+        self._commands.put(("params", (params, done)))
+        if not done.wait(timeout):
+            raise RuntimeError(self.error or f"the engine did not take the new parameters within {timeout} s")
+
     def stats(self) -> dict:
         """A snapshot for metrics: requests running / waiting, KV usage, cumulative counters."""
         s, bm = self.scheduler, self.scheduler.block_manager
@@ -298,6 +307,10 @@ class Engine:
                 self.counters["prompt_tokens"] += len(arg.prompt_ids)
             elif kind == "abort" and arg in self._requests:
                 self._end(self._requests[arg], "abort")
+            elif kind == "params":
+                self.runner.params = arg[0]
+                self.scheduler.block_manager.reset_prefix_cache()
+                arg[1].set()
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:

@@ -1,4 +1,4 @@
-"""Bad input across the four CLIs (infer.generate, train.pretrain, train.sft, train.dpo), table-driven.
+"""Bad input across the CLIs (infer.generate, train.pretrain, train.sft, train.dpo, train.grpo), table-driven.
 
 Each row runs the CLI's `main` in this process on a workspace that already holds results (a finished output,
 an unfinished batch's partial file, a run directory with a checkpoint and metrics). For every row: exit code
@@ -87,6 +87,8 @@ GEN = ["--max-tokens", "4", "--temperature", "0"]
 PRE = ["--config", "{bad}/tinyconfig.json", "--tokenizer", DEFAULT_MODEL, "--steps", "2", "--seq-len", "16",
        "--batch-size", "2", "--warmup", "0", "--no-progress", "--no-export", "--out", "{out}/new"]
 FT = ["--steps", "1", "--seq-len", "64", "--batch-size", "2", "--no-progress", "--no-export", "--out", "{out}/new"]
+RL = ["--steps", "1", "--max-new-tokens", "4", "--prompts-per-step", "2", "--group-size", "2", "--no-progress",
+      "--no-export", "--out", "{out}/new"]
 
 ROWS = [
     # infer.generate: prompts files
@@ -174,6 +176,20 @@ ROWS = [
     ("dpo", ["--beta", "0"], "beta"),
     ("dpo", ["--loss-type", "bogus"], "invalid choice: 'bogus'"),
     ("dpo", ["--out", "{out}/a_file"], "is a file"),
+    # train.grpo
+    ("grpo", ["--data", "{bad}/empty.jsonl"], "no usable examples"),
+    ("grpo", ["--data", "{bad}/nonutf8.jsonl"], "nonutf8.jsonl:2: not UTF-8 text"),
+    ("grpo", ["--data", "{bad}/noprompt.jsonl"], "no usable examples"),
+    ("grpo", ["--group-size", "1"], "--group-size must be >= 2"),
+    ("grpo", ["--reward", "nope"], "--reward nope: unknown reward"),
+    ("grpo", ["--reward", "math=heavy"], "the weight 'heavy' is not a number"),
+    ("grpo", ["--reward", "no_such_module_q:f"], "cannot import it"),
+    ("grpo", ["--batch-size", "4"], "--batch-size is set by GRPO itself"),
+    ("grpo", ["--prompts-per-step", "0"], "--prompts-per-step must be >= 1"),
+    ("grpo", ["--temperature", "0"], "--temperature must be > 0"),
+    ("grpo", ["--beta", "-1"], "--beta must be >= 0"),
+    ("grpo", ["--max-new-tokens", "100000"], "exceeds the model's context"),
+    ("grpo", ["--aggregation", "mean"], "invalid choice: 'mean'"),
 ]
 
 
@@ -184,6 +200,8 @@ def _main(cli):
         from train.pretrain import main
     elif cli == "sft":
         from train.sft import main
+    elif cli == "grpo":
+        from train.grpo import main
     else:
         from train.dpo import main
     return main
@@ -195,7 +213,7 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(cli, argv, message, bad,
     _workspace(tmp_path)
     before = _snapshot(tmp_path)
     fmt = lambda s: s.replace("{bad}", str(bad)).replace("{out}", str(tmp_path))  # noqa: E731
-    base = {"generate": GEN, "pretrain": PRE, "sft": FT, "dpo": FT}[cli]
+    base = {"generate": GEN, "pretrain": PRE, "sft": FT, "dpo": FT, "grpo": RL}[cli]
     args = [fmt(a) for a in base + argv]
     try:
         rc = _main(cli)(args)

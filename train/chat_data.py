@@ -62,7 +62,7 @@ class BadLines:
         return f"{self.path}: skipped {len(self.items)} of {total} lines ({head}{more})"
 
 
-def _read_lines(path: str, bad: BadLines):
+def read_lines(path: str, bad: BadLines):
     """(line number, object) for every JSON-object line; the others go to `bad`. Counts lines in bad.total."""
 
     def on_bad(n, reason):
@@ -74,7 +74,7 @@ def _read_lines(path: str, bad: BadLines):
         yield n, obj
 
 
-def _check_messages(messages, what: str = "messages") -> str | None:
+def check_messages(messages, what: str = "messages") -> str | None:
     """Why a message list is malformed, or None."""
     if not isinstance(messages, list) or not messages:
         return f"{what!r} must be a non-empty list of {{'role', 'content'}} objects"
@@ -139,9 +139,9 @@ def read_conversations(path: str, renderer: ChatRenderer, max_len: int, last_tur
                        strict: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], BadLines, int]:
     """-> ([(ids, mask)], the skipped lines, lines read). `max_len` = tokens a row holds (seq_len + 1)."""
     bad, out = BadLines(path, strict), []
-    for n, obj in _read_lines(path, bad):
+    for n, obj in read_lines(path, bad):
         messages = obj.get("messages")
-        err = _check_messages(messages)
+        err = check_messages(messages)
         if err is None:
             if not any(m["role"] == "assistant" for m in messages):
                 err = "the conversation has no assistant turn"
@@ -203,7 +203,7 @@ def _as_messages(value, role: str, what: str):
         return [{"role": role, "content": value}], None
     if isinstance(value, dict):
         value = [value]
-    err = _check_messages(value, what)
+    err = check_messages(value, what)
     return (None, err) if err else (value, None)
 
 
@@ -214,7 +214,7 @@ def read_preferences(path: str, renderer: ChatRenderer, max_len: int, strict: bo
     prompt is one user message; a string response is one assistant message. The loss mask covers the
     response's assistant turns only."""
     bad, out = BadLines(path, strict), []
-    for n, obj in _read_lines(path, bad):
+    for n, obj in read_lines(path, bad):
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
         err = f"missing field(s) {', '.join(missing)}" if missing else None
         if err is None:

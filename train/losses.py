@@ -94,15 +94,24 @@ def _fused_ce_bwd(z_weight, chunk, res, g):
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def token_logprobs(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: jax.Array, chunk: int = 1024) -> jax.Array:
-    """log p(target) for every position, float32 [N], with the same chunking (no [N, V] logits at once)."""
+def token_logprobs(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: jax.Array, chunk: int = 1024,
+                   entropy: bool = False):
+    """log p(target) for every position, float32 [N], with the same chunking (no [N, V] logits at once).
+    With entropy=True also the distribution's entropy at every position [N] (a value: no gradient)."""
     N = hidden_ND.shape[0]
     head = head_DV.astype(hidden_ND.dtype)
 
     @jax.checkpoint
     def one(h_CD, t_C):
         logits = jnp.einsum("CD,DV->CV", h_CD, head, preferred_element_type=jnp.float32)
-        return jnp.take_along_axis(logits, t_C[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, t_C[:, None], axis=-1)[:, 0] - lse
+        if not entropy:
+            return lp
+        p = jax.lax.stop_gradient(jnp.exp(logits - lse[:, None]))
+        return lp, jax.lax.stop_gradient(lse - jnp.sum(p * logits, axis=-1))
 
     out = jax.lax.map(lambda a: one(*a), tuple(_chunked(chunk, hidden_ND, targets_N)))
+    if entropy:
+        return out[0].reshape(-1)[:N], out[1].reshape(-1)[:N]
     return out.reshape(-1)[:N]

@@ -110,7 +110,10 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
         out_dir: str, rules: ShardingRules, *, resume: bool = False, meta: dict | None = None,
         progress: bool = True, task: Task | None = None, frozen=None) -> dict[str, Any]:
     """Train `params` (the trainable tree: all weights, or LoRA adapters with the base in `frozen`) for
-    tc.steps optimizer steps, resuming from out_dir/checkpoints when asked. Returns {"state", "step",
+    tc.steps optimizer steps, resuming from out_dir/checkpoints when asked. `train_ds` is a RowDataset, or
+    a batch source that samples from the policy being trained (RL: train.rollout.RolloutSource): one with
+    `needs_params = True` gets `current`, a function returning the parameters of the moment, as a fourth
+    argument of `batches`, and its `last_metrics` are logged with each step. Returns {"state", "step",
     "resumed_from", "train_loss", "eval_loss", "eval" (the task's held-out metrics), "last" (last logged)}.
     An interruption (Ctrl-C, SIGTERM) stops the loop between steps, logs and saves a checkpoint of the last
     completed step, and propagates with a message saying what was saved."""
@@ -133,7 +136,10 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
     train_step = make_train_step(config, tc, optimizer, rules, state_shardings(state), task)
     eval_step = make_eval_step(config, tc, rules, task)
     micro = tc.batch_size // tc.grad_accum
-    batches = train_ds.batches(tc.batch_size, tc.seed, data_state)
+    if getattr(train_ds, "needs_params", False):  # a batch source that samples from the current policy (RL)
+        batches = train_ds.batches(tc.batch_size, tc.seed, data_state, lambda: state["params"])
+    else:
+        batches = train_ds.batches(tc.batch_size, tc.seed, data_state)
     tokens_per_step = tc.batch_size * tc.seq_len
     fpt, peak = flops_per_token(config, tc.seq_len), peak_flops()
     start = int(state["step"])
@@ -159,7 +165,7 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
         mfu = tok_s * fpt / (peak * jax.device_count()) if peak else None
         if not math.isfinite(float(metrics["loss"])):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
-        logger.log(step, {**metrics, "tokens_per_s": tok_s, "mfu": mfu})
+        logger.log(step, {**metrics, "tokens_per_s": tok_s, "mfu": mfu, **getattr(train_ds, "last_metrics", {})})
         last["train_loss"] = float(metrics["loss"])
         last["last"] = {k: float(v) for k, v in metrics.items()}
         bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}",

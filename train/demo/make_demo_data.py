@@ -5,7 +5,9 @@
 sft_chats.jsonl: conversations in which the user gives one character's speech and asks for the reply of the
 character who speaks next; the assistant answers with that reply. A third continue with a second exchange (what the next character answers), some a system
 message. dpo_pairs.jsonl: the same kind of prompt; chosen is the real reply, rejected the same reply with
-the words of every line shuffled (fluent verse is preferred to word salad).
+the words of every line shuffled (fluent verse is preferred to word salad). grpo_prompts.jsonl: raw play
+text (one speech, then the next speaker's name) for the RL demo, whose reward (train/demo/rewards.py) counts
+words of love in what the model says next.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def main():
                 continue
             f.write(json.dumps({"prompt": ask.format(who=b, speech=sa), "chosen": sb,
                                 "rejected": shuffle_words(sb, rng)}, ensure_ascii=False) + "\n")
+    with open(os.path.join(HERE, "grpo_prompts.jsonl"), "w", encoding="utf-8") as f:
+        for a, sa, b, *_ in triples[2000:2240]:  # a speech, then the next speaker's name: the model goes on
+            f.write(json.dumps({"prompt": f"{a}.\n{sa}\n\n{b}.\n"}, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
