@@ -220,8 +220,7 @@ def uninterrupted(tiny, tmp_path_factory):
     return _losses(out)
 
 
-@pytest.mark.parametrize("when", ["loop", "save"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig,when", [(signal.SIGINT, "loop"), (signal.SIGTERM, "save")])  # one path for both
 def test_a_signal_mid_run_saves_logs_and_resumes_to_the_uninterrupted_result(tiny, tmp_path, uninterrupted, sig,
                                                                              when):
     """In the loop (after a few steps) or while an asynchronous checkpoint is being written: exit 130 / 143,

@@ -153,19 +153,22 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
             logger.log(step, ev)
         return ev
 
-    t0, steps_since = time.perf_counter(), 0
+    t0, steps_since, waited = time.perf_counter(), 0, 0.0
     step = saved = start
     unlogged = None  # the newest step's metrics while not yet in metrics.jsonl
 
     def log_step(step, metrics):
-        nonlocal t0, steps_since
+        nonlocal t0, steps_since, waited
         metrics = jax.device_get(metrics)
         dt = time.perf_counter() - t0
         tok_s = steps_since * tokens_per_step / dt
         mfu = tok_s * fpt / (peak * jax.device_count()) if peak else None
         if not math.isfinite(float(metrics["loss"])):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
-        logger.log(step, {**metrics, "tokens_per_s": tok_s, "mfu": mfu, **getattr(train_ds, "last_metrics", {})})
+        timing = {"tokens_per_s": tok_s, "mfu": mfu, "step_s": dt / max(steps_since, 1),
+                  "batch_s": waited / max(steps_since, 1)}  # batch_s: waiting for data (RL: the rollout)
+        logger.log(step, {**metrics, **timing, **getattr(train_ds, "last_metrics", {})})
+        waited = 0.0
         last["train_loss"] = float(metrics["loss"])
         last["last"] = {k: float(v) for k, v in metrics.items()}
         bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tok_s:,.0f}",
@@ -176,7 +179,9 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
         with deferred_interrupts():  # signals stop the loop between steps, never inside one
             while step < tc.steps:
                 check_interrupt()
+                t_batch = time.perf_counter()
                 batch, next_data_state = next(batches)
+                waited += time.perf_counter() - t_batch
                 batch = {k: v.reshape(tc.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
                 state, metrics = train_step(state, put_batch(batch, rules, lead=1), frozen)
                 step, data_state = step + 1, next_data_state
