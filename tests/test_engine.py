@@ -267,10 +267,9 @@ def test_tokenizer_elsewhere_token_ids_only_and_max_tokens_none(dense_dir, tmp_p
     assert bad[1].error is None
 
 
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
-def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_path, sig):
-    """SIGKILL (or Ctrl-C) a --prompts-file run once some results are written; --resume keeps them, generates
-    the rest, and the output equals an uninterrupted run's."""
+def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_path):
+    """SIGKILL a --prompts-file run once some results are written; --resume keeps them, generates the rest,
+    and the output equals an uninterrupted run's. Ctrl-C instead says how many results were kept."""
     import signal
     import time
 
@@ -285,23 +284,28 @@ def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_p
     whole = subprocess.run(common + ["--output", str(tmp_path / "whole.jsonl")], env=env, cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr
+
+    def cut(out, sig):
+        partial = tmp_path / (out.name + ".partial")
+        proc = subprocess.Popen(common + ["--output", str(out)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.exists() and len(partial.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        kept = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
+        assert 3 <= len(kept) < len(lines) and not out.exists()
+        return proc.returncode, err, kept, partial
+
+    rc, err, kept, partial = cut(tmp_path / "int.jsonl", signal.SIGINT)
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"interrupted: {len(kept)} of {len(lines)} results are in {partial}; "
+                                            f"rerun with --resume to finish")
     out = tmp_path / "cut.jsonl"
-    partial = tmp_path / "cut.jsonl.partial"
-    proc = subprocess.Popen(common + ["--output", str(out)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and len(partial.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=60)
-    kept = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
-    assert 3 <= len(kept) < len(lines) and not out.exists()
-    if sig == "SIGINT":
-        assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-        assert err.strip().splitlines()[-1] == (f"interrupted: {len(kept)} of {len(lines)} results are in {partial}; "
-                                                f"rerun with --resume to finish")
+    _, _, kept, partial = cut(out, signal.SIGKILL)
     again = subprocess.run(common + ["--output", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr  # an unfinished run is never overwritten

@@ -192,7 +192,8 @@ def test_engine_logprobs_equal_the_trainers(kind):
 
 def test_grpo_raises_a_reward_the_model_knows_nothing_of(tmp_path):
     """The share of even token ids in a completion: about 0.5 for a fresh model, above 0.75 after 30 steps
-    (seed 0: 0.5 -> 0.85 on the training rollouts)."""
+    (seed 0: 0.5 -> 0.85 on the training rollouts). The old policy's log-probs come from the engine (the
+    contract), so no second forward pass runs."""
     config, rules = _tiny(), _rules()
     rng = np.random.default_rng(0)
     prompts = [Prompt(f"p:{i}", "", tuple(int(t) for t in rng.integers(3, 64, 4)), {}) for i in range(48)]
@@ -201,7 +202,8 @@ def test_grpo_raises_a_reward_the_model_knows_nothing_of(tmp_path):
                              log_every=5, save_every=100)
     task = GRPOTask.of(config, tc, rules, GRPOConfig(group_size=8))
     source = RolloutSource(config, None, rules, train, [R.Reward("even", R.even_tokens_reward, 1.0)], task,
-                           RolloutConfig(prompts_per_step=4, max_new_tokens=8, block_size=4), row_len=12, micro=32)
+                           RolloutConfig(prompts_per_step=4, max_new_tokens=8, block_size=4, reuse_logprobs=True),
+                           row_len=12, micro=32)
 
     def held_out(params):
         outs = source.generate(params, held, [source.sampling(0, None, i) for i in range(len(held))])
