@@ -60,11 +60,14 @@ def _stream_error(path: str, e: Exception) -> DataError:
     return DataError(f"{path}: {what} ({type(e).__name__}: {str(e).strip()[:100] or 'unexpected end'})")
 
 
-def _decode(path: str, raw: bytes, line: int, offset: int) -> str:
+def _decode(path: str, raw: bytes, offset: int = 0, line: int | None = None) -> str:
+    """`raw` (the file's bytes from `offset` on, starting at `line`; None: at line 1) as strict UTF-8; a
+    DataError naming the line and byte offset of the first bad byte."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {offset + e.start} of the file is "
+        n = line if line is not None else raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{n}: not UTF-8 text (byte {offset + e.start} of the file is "
                         f"0x{raw[e.start]:02x})") from None
 
 
@@ -75,7 +78,7 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
         offset, n = 0, 0
         try:
             for n, raw in enumerate(f, 1):
-                text = _decode(path, raw, n, offset)
+                text = _decode(path, raw, offset, n)
                 if n == 1 and text.startswith("\ufeff"):
                     text = text[1:]
                 offset += len(raw)
@@ -92,11 +95,7 @@ def read_text(path: str) -> str:
             raw = f.read()
         except _STREAM_ERRORS as e:
             raise _stream_error(path, e) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start} of the file is 0x{raw[e.start]:02x})") from None
+    text = _decode(path, raw)
     text = text[1:] if text.startswith("\ufeff") else text
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -132,8 +131,7 @@ def read_parquet_column(path: str, column: str) -> list:
     f = open_binary(path)  # the path checks, and decompression of a .parquet.gz
     with f:
         try:
-            data = f.read()
-            table = pq.read_table(io.BytesIO(data), columns=None)
+            table = pq.read_table(io.BytesIO(f.read()))
         except (pyarrow.ArrowException, *_STREAM_ERRORS) as e:
             raise DataError(f"{path}: not a readable parquet file ({str(e).strip().splitlines()[0][:120]})") from None
     if column not in table.column_names:

@@ -207,7 +207,7 @@ def test_grpo_raises_a_reward_the_model_knows_nothing_of(tmp_path):
 
     def held_out(params):
         outs = source.generate(params, held, [source.sampling(0, None, i) for i in range(len(held))])
-        return float(source.score(held, outs).mean())
+        return float(source.score(held, outs)[0].mean())
 
     try:
         params = qwen_jax.init_params(config, jax.random.key(0))

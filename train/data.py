@@ -132,6 +132,23 @@ def pack(docs: list[np.ndarray], row_len: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens[: n * row_len].reshape(n, row_len), seg[: n * row_len].reshape(n, row_len).astype(np.int32)
 
 
+def shuffled_batches(n: int, batch_size: int, seed: int, state: dict | None = None):
+    """Endless (sorted item indices, batch number, state after this batch): items [0, n) shuffled per epoch
+    from (seed, epoch), each epoch's last partial batch dropped. `state` = {"epoch", "index"} resumes
+    exactly; the batch number counts batches from the start of the run."""
+    epoch, index = (state["epoch"], state["index"]) if state else (0, 0)
+    per_epoch = n // batch_size
+    while True:
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        while index < per_epoch:
+            rows = np.sort(perm[index * batch_size:(index + 1) * batch_size])
+            number = epoch * per_epoch + index
+            index += 1
+            nxt = {"epoch": epoch, "index": index} if index < per_epoch else {"epoch": epoch + 1, "index": 0}
+            yield rows, number, nxt
+        epoch, index = epoch + 1, 0
+
+
 class RowDataset:
     """Named arrays sharing a leading row axis (e.g. tokens [N, T+1], segment_ids [N, T+1], loss_mask ...)."""
 
@@ -171,16 +188,8 @@ class RowDataset:
 
         Drops each epoch's last partial batch. `state` = {"epoch", "index"} resumes exactly."""
         self.check_batch(batch_size)
-        epoch, index = (state["epoch"], state["index"]) if state else (0, 0)
-        per_epoch = len(self) // batch_size
-        while True:
-            perm = np.random.default_rng([seed, epoch]).permutation(len(self))
-            while index < per_epoch:
-                rows = np.sort(perm[index * batch_size:(index + 1) * batch_size])
-                index += 1
-                nxt = {"epoch": epoch, "index": index} if index < per_epoch else {"epoch": epoch + 1, "index": 0}
-                yield self._rows(rows), nxt
-            epoch, index = epoch + 1, 0
+        for rows, _, nxt in shuffled_batches(len(self), batch_size, seed, state):
+            yield self._rows(rows), nxt
 
     def sequential(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict]:
         """Unshuffled batches for evaluation. A partial last batch is padded with all-zero rows (segment id 0:

@@ -55,25 +55,6 @@ def main(argv=None) -> int:
     return cli.main(lambda: _main(parse_args(argv)))
 
 
-def _reference(args, config, lora, frozen, trainable, compute_dtype):
-    """Add the reference model to `frozen` ({"ref": params}); with LoRA and no --ref-model the base serves."""
-    import jax
-    import jax.numpy as jnp
-
-    from qwen_jax import ConfigError, load_pretrained
-
-    frozen = dict(frozen or {})
-    if args.ref_model:
-        ref_config, ref = load_pretrained(args.ref_model, dtype=jnp.dtype(compute_dtype), mesh=args.mesh_obj,
-                                          progress=not args.no_progress)
-        if ref_config.vocab_size != config.vocab_size:
-            raise ConfigError(f"--ref-model has vocab_size {ref_config.vocab_size}, the model {config.vocab_size}")
-        frozen["ref"] = ref
-    elif lora is None:  # a frozen copy of the starting weights (the trained ones are donated each step)
-        frozen["ref"] = jax.tree.map(lambda x: jnp.copy(x).astype(compute_dtype), trainable)
-    return frozen
-
-
 def _main(args) -> int:
     import jax
     import numpy as np
@@ -115,7 +96,7 @@ def _main(args) -> int:
         f"{'LoRA rank ' + str(lora.rank) if lora else 'full fine-tuning'} | {tc.steps} steps on "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
     trainable, frozen = F.load_weights(args, config, lora, rules, tc.compute_dtype)
-    frozen = _reference(args, config, lora, frozen, trainable, tc.compute_dtype)
+    frozen = F.reference_model(args, config, lora, frozen, trainable, tc.compute_dtype)
     task = DPOTask.of(config, tc, rules, dpo, lora)
     if args.precompute_ref:
         micro = tc.batch_size // tc.grad_accum

@@ -124,6 +124,26 @@ def resolve_steps(args, num_rows: int) -> None:
         args.warmup = min(args.warmup, args.steps)
 
 
+def reference_model(args, config, lora, frozen, trainable, compute_dtype):
+    """Add the frozen reference model of DPO and GRPO to `frozen` ({"ref": params}); with LoRA and no
+    --ref-model the base serves."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax import ConfigError, load_pretrained
+
+    frozen = dict(frozen or {})
+    if args.ref_model:
+        ref_config, ref = load_pretrained(args.ref_model, dtype=jnp.dtype(compute_dtype), mesh=args.mesh_obj,
+                                          progress=not args.no_progress)
+        if ref_config.vocab_size != config.vocab_size:
+            raise ConfigError(f"--ref-model has vocab_size {ref_config.vocab_size}, the model {config.vocab_size}")
+        frozen["ref"] = ref
+    elif lora is None:  # a frozen copy of the starting weights (the trained ones are donated each step)
+        frozen["ref"] = jax.tree.map(lambda x: jnp.copy(x).astype(compute_dtype), trainable)
+    return frozen
+
+
 def export_dtype(args) -> str:
     """The exported weights keep the dtype they trained in (--param-dtype, or with LoRA the base's) unless
     --export-dtype says otherwise."""

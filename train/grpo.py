@@ -78,12 +78,11 @@ def _held_out_reward(source, trainable, prompts, seed: int) -> float | None:
     if not prompts:
         return None
     outs = source.generate(trainable, prompts, [source.sampling(seed, None, i) for i in range(len(prompts))])
-    return float(source.score(prompts, outs).mean())
+    return float(source.score(prompts, outs)[0].mean())
 
 
 def _main(args) -> int:
     import jax
-    import numpy as np
 
     from qwen_jax.cli import check_interrupt
     from qwen_jax.errors import ConfigError, DataError, require
@@ -91,6 +90,7 @@ def _main(args) -> int:
     from train import finetune as F
     from train import rewards as R
     from train.cli import say, train_config
+    from train.chat_data import split_examples
     from train.rl import GRPOConfig, GRPOTask
     from train.rollout import RolloutConfig, RolloutSource, read_prompts
     from train.trainer import fit
@@ -116,9 +116,7 @@ def _main(args) -> int:
     paths = args.data or [os.path.join(F.DEMO_DIR, "grpo_prompts.jsonl")]
     prompts = F.read_all(paths, lambda p: read_prompts(p, tok, args.max_prompt_len, args.enable_thinking,
                                                        args.strict), say)
-    held = sorted(np.random.default_rng(args.seed).choice(len(prompts), int(round(args.eval_fraction * len(prompts))),
-                                                          replace=False).tolist()) if args.eval_fraction > 0 else []
-    train_prompts = [p for i, p in enumerate(prompts) if i not in set(held)]
+    train_prompts, held_prompts = split_examples(prompts, args.eval_fraction, args.seed)
     if len(train_prompts) < args.prompts_per_step:
         raise DataError(f"{len(train_prompts)} training prompts, fewer than --prompts-per-step "
                         f"{args.prompts_per_step}")
@@ -128,15 +126,13 @@ def _main(args) -> int:
     tc.validate()
     check_interrupt()
     say(f"model: {args.model} ({config.num_params() / 1e6:.1f}M params) | data: {len(train_prompts)} train / "
-        f"{len(held)} held-out prompts | rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)} | "
+        f"{len(held_prompts)} held-out prompts | rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)} | "
         f"{args.prompts_per_step} prompts x {args.group_size} samples per step | "
         f"{'LoRA rank ' + str(lora.rank) if lora else 'full fine-tuning'} | {tc.steps} steps on "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
     trainable, frozen = F.load_weights(args, config, lora, rules, tc.compute_dtype)
     if grpo.beta > 0:
-        from train.dpo import _reference
-
-        frozen = _reference(args, config, lora, frozen, trainable, tc.compute_dtype)
+        frozen = F.reference_model(args, config, lora, frozen, trainable, tc.compute_dtype)
     task = GRPOTask.of(config, tc, rules, grpo, lora)
     rc = RolloutConfig(prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, reuse_logprobs=args.reuse_rollout_logprobs)
@@ -146,7 +142,6 @@ def _main(args) -> int:
             "grpo": vars(grpo), "rewards": [{"name": r.name, "weight": r.weight} for r in rewards],
             "lora": vars(lora) if lora else None, "train": dict(vars(tc))}
     cli.write_run_files(args.out, config, tok, meta)
-    held_prompts = [prompts[i] for i in held]
     try:
         before = _held_out_reward(source, trainable, held_prompts, args.seed)
         if before is not None:

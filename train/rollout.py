@@ -30,6 +30,7 @@ from qwen_jax.errors import DataError
 from qwen_jax.sharding import ShardingRules
 from train import rewards as R
 from train.chat_data import BadLines, check_messages, read_lines
+from train.data import shuffled_batches
 from train.placement import put_batch
 from train.rl import GRPOTask, group_advantages
 from train.tasks import model_params
@@ -121,17 +122,8 @@ class RolloutSource:
         P = self.rc.prompts_per_step
         if batch_size != P * self.G:
             raise ValueError(f"batch_size {batch_size} != prompts_per_step x group_size = {P * self.G}")
-        epoch, index = (state["epoch"], state["index"]) if state else (0, 0)
-        per_epoch = len(self.prompts) // P
-        while True:
-            perm = np.random.default_rng([seed, epoch]).permutation(len(self.prompts))
-            while index < per_epoch:
-                chosen = np.sort(perm[index * P:(index + 1) * P])
-                step = epoch * per_epoch + index
-                index += 1
-                nxt = {"epoch": epoch, "index": index} if index < per_epoch else {"epoch": epoch + 1, "index": 0}
-                yield self.rollout(current(), [int(i) for i in chosen], seed, step), nxt
-            epoch, index = epoch + 1, 0
+        for chosen, step, nxt in shuffled_batches(len(self.prompts), P, seed, state):
+            yield self.rollout(current(), [int(i) for i in chosen], seed, step), nxt
 
     def sampling(self, seed: int, step: int | None, prompt_index: int) -> SamplingParams:
         """G samples of one prompt; the request's seed comes from (run seed, step, prompt index), or for
@@ -152,8 +144,8 @@ class RolloutSource:
             for s in streams:
                 s.close()
 
-    def score(self, prompts: list[Prompt], outs) -> np.ndarray:
-        """-> rewards [len(prompts), n] (weighted totals); per-reward values go to last_metrics."""
+    def score(self, prompts: list[Prompt], outs) -> tuple[np.ndarray, dict[str, list[float]]]:
+        """-> (weighted total rewards [len(prompts), n], each reward's values {name: [values]})."""
         per: dict[str, list[float]] = {r.name: [] for r in self.rewards}
         totals = []
         for p, out in zip(prompts, outs):
@@ -165,8 +157,7 @@ class RolloutSource:
                     per[k].append(v)
                 row.append(R.total(self.rewards, values))
             totals.append(row)
-        self._per_reward = per
-        return np.asarray(totals, np.float64)
+        return np.asarray(totals, np.float64), per
 
     def rollout(self, trainable, indices: list[int], seed: int, step: int) -> dict:
         """One GRPO batch [P*G, row_len] from fresh samples of prompts[indices] under `trainable`."""
@@ -174,7 +165,7 @@ class RolloutSource:
         prompts = [self.prompts[i] for i in indices]
         outs = self.generate(trainable, prompts, [self.sampling(seed, step, i) for i in indices])
         t1 = time.perf_counter()
-        rewards = self.score(prompts, outs)
+        rewards, per_reward = self.score(prompts, outs)
         adv = group_advantages(rewards, self.task.grpo.scale_std)
         n, T1 = len(indices) * self.G, self.row_len
         batch = {"tokens": np.zeros((n, T1), np.int32), "segment_ids": np.zeros((n, T1), np.int32),
@@ -204,8 +195,8 @@ class RolloutSource:
             "reward": float(rewards.mean()), "reward_std": float(rewards.std()), "zero_advantage_groups": zero,
             "completion_tokens": float(np.mean(lengths)), "rollout_s": t1 - t0, "old_logprobs_s": t3 - t2,
             "reference_s": t4 - t3, "rollout_tokens_per_s": sum(lengths) / max(t1 - t0, 1e-9),
-            **{f"reward/{k}": float(np.mean(v)) for k, v in self._per_reward.items()},
-            **{f"reward/{k}_std": float(np.std(v)) for k, v in self._per_reward.items()}}
+            **{f"reward/{k}": float(np.mean(v)) for k, v in per_reward.items()},
+            **{f"reward/{k}_std": float(np.std(v)) for k, v in per_reward.items()}}
         return batch
 
     def _forward(self, fn, trainable, frozen, batch) -> np.ndarray:
