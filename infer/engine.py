@@ -35,7 +35,7 @@ from infer.sampling import SamplingParams
 from infer.scheduler import Scheduler
 from infer.sequence import Sequence
 from qwen_jax.config import Qwen3Config
-from qwen_jax.errors import RequestError
+from qwen_jax.errors import ConfigError, RequestError
 from qwen_jax.sharding import ShardingRules
 
 log = logging.getLogger("infer.engine")
@@ -57,6 +57,9 @@ class CompletionOutput:
     finish_reason: str | None  # "stop", "length", "abort" or "error"
     logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, chosen token first
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it, if any
+    # With Engine(record_routes=True) on a MoE model: the experts of every position the model read (prompt
+    # and completion but the last token), [len(prompt) + len(token_ids) - 1, L_moe, k] int32.
+    routes: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -150,21 +153,30 @@ class _Request:
         self.stop_reasons: list[str | int | None] = [None] * len(seqs)
 
 
+def require_causal_lm(config: Qwen3Config) -> None:
+    if config.is_classifier:
+        raise ConfigError(f"the model is a {config.architecture} (a reward model or classifier): it scores text "
+                          f"and does not generate")
+
+
 class Engine:
     def __init__(self, config: Qwen3Config, params, tokenizer, rules: ShardingRules, *, max_model_len: int,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                  num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9,
                  kv_cache_gb: float = 1.0, dtype=None, attn_impl: str = "auto", seed: int = 0,
-                 max_waiting: int | None = None):
+                 max_waiting: int | None = None, record_routes: bool = False):
+        require_causal_lm(config)
         self.config, self.tokenizer, self.max_model_len = config, tokenizer, max_model_len
         eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
         eos.update((config.eos_token_id,) if isinstance(config.eos_token_id, int) else (config.eos_token_id or ()))
         self.eos_ids = frozenset(eos)
         self.runner = ModelRunner(config, params, rules, block_size, max_num_seqs, max_model_len,
                                   max_num_batched_tokens, dtype, attn_impl, num_kv_blocks, kv_cache_memory_fraction,
-                                  kv_cache_gb)
+                                  kv_cache_gb, record_routes)
         self.scheduler = Scheduler(self.runner.num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
                                    max_model_len, self.eos_ids)
+        if self.runner.record_routes:
+            self.scheduler.on_finish = self.runner.collect_routes
         self.max_waiting = max_waiting
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()  # guards _rng, the id counter and the counters below
@@ -360,7 +372,7 @@ class Engine:
             det.finish(seq.output_ids)
             outputs.append(CompletionOutput(seq.index, det.text, list(seq.output_ids),
                                             seq.finish_reason, seq.logprobs if seq.params.logprobs is not None
-                                            else None, stop))
+                                            else None, stop, seq.routes))
         del self._requests[req.id]
         self.counters["requests_finished"] += 1
         with self._lock:

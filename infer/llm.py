@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 import qwen_jax
-from infer.engine import CompletionOutput, Engine, RequestOutput
+from infer.engine import CompletionOutput, Engine, RequestOutput, require_causal_lm
 from infer.sampling import SamplingParams
 from qwen_jax.errors import ConfigError, RequestError, require
 
@@ -45,6 +45,7 @@ class LLM:
         mesh = qwen_jax.make_mesh(f"tensor={tensor_parallel}", devices=jax.devices()[:tensor_parallel])
         rules = qwen_jax.ShardingRules(mesh)
         on_cpu = jax.default_backend() == "cpu"
+        require_causal_lm(qwen_jax.Qwen3Config.from_json_file(self.model_path))  # before reading the weights
         self.config, params = qwen_jax.load_pretrained(self.model_path, dtype=dtype or (None if on_cpu else "bfloat16"),
                                                        mesh=mesh, progress=False)
         self.tokenizer = None if skip_tokenizer_init else qwen_jax.load_tokenizer(tokenizer or self.model_path)

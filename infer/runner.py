@@ -2,6 +2,11 @@
 the jitted step: forward over the paged cache, logits at each row's last token only, and sampling, all on
 device. The cache and the penalty state are donated and come back updated.
 
+With `record_routes` (MoE models, for RL's routing replay) each step also returns the experts every token
+went to in every MoE layer; the runner keeps them on the host in a pool indexed like the KV pool (one row
+per cache slot), so a prefix shared through the cache shares its routes too, and `collect_routes` reads a
+sequence's back through its block table before its blocks are freed.
+
 Shapes are bucketed to powers of two (rows, tokens per row, block-table width), so after the first few
 steps decoding never recompiles. Rows are right-aligned: each row's new tokens end in the last column
 (padding goes in front with cache slot -1), so the last column holds every row's last token.
@@ -45,8 +50,11 @@ class ModelRunner:
 
     def __init__(self, config: Qwen3Config, params, rules: ShardingRules, block_size: int, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, dtype, attn_impl: str = "auto",
-                 num_blocks: int | None = None, memory_fraction: float = 0.9, kv_cache_gb: float = 1.0):
+                 num_blocks: int | None = None, memory_fraction: float = 0.9, kv_cache_gb: float = 1.0,
+                 record_routes: bool = False):
         self.config, self.params, self.rules = config, params, rules
+        self.record_routes = record_routes and config.is_moe
+        self.routes_pool: np.ndarray | None = None  # [num_blocks * block_size, L_moe, k] expert ids
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_blocks = cdiv(max_model_len, block_size)
@@ -62,6 +70,9 @@ class ModelRunner:
                               f"max_model_len={max_model_len}; lower max_model_len or give more memory")
         self.num_blocks = num_blocks
         self.cache = qwen_jax.init_cache(config, num_blocks, block_size, self.dtype, rules)
+        if self.record_routes:
+            n_moe = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+            self.routes_pool = np.zeros((num_blocks * block_size, n_moe, config.num_experts_per_tok), np.int16)
 
     # ------------------------------------------------------------------ pool sizing
     def bytes_per_block(self) -> int:
@@ -128,7 +139,8 @@ class ModelRunner:
         tokens, chosen, top_ids, top_lp = sampling.sample(logits, rp, penalty["counts"][rows], penalty["seen"][rows],
                                                           top_logprobs)
         counts = penalty["counts"].at[rows, tokens].add(valid.astype(jnp.int32))
-        return out.cache, {"counts": counts, "seen": penalty["seen"]}, tokens, chosen, top_ids, top_lp
+        routes = out.routes.astype(jnp.int16) if self.record_routes else None  # [L_moe, B, T, k]
+        return out.cache, {"counts": counts, "seen": penalty["seen"]}, tokens, chosen, top_ids, top_lp, routes
 
     def run(self, batch: list[tuple[Sequence, int]]):
         """One step for [(seq, new tokens)] -> (tokens, chosen logprobs, top ids, top logprobs, valid) as numpy;
@@ -161,8 +173,19 @@ class ModelRunner:
         rp = sampling.row_params([s.params for s, _ in batch], [s.seed for s, _ in batch],
                                  [len(s.output_ids) for s, _ in batch], B)
         top = sampling.MAX_LOGPROBS if any((s.params.logprobs or 0) > 0 for s, _ in batch) else 0
-        self.cache, self.penalty, tokens, chosen, top_ids, top_lp = self._step(
+        self.cache, self.penalty, tokens, chosen, top_ids, top_lp, routes = self._step(
             self.params, self.cache, self.penalty, ids, positions, slots, tables, lengths, rows, valid,
             rp, top_logprobs=top)
-        tokens, chosen, top_ids, top_lp = jax.device_get((tokens, chosen, top_ids, top_lp))
+        tokens, chosen, top_ids, top_lp, routes = jax.device_get((tokens, chosen, top_ids, top_lp, routes))
+        if routes is not None and self.routes_pool is not None:
+            filled = slots >= 0
+            self.routes_pool[slots[filled]] = np.moveaxis(routes, 0, 2)[filled]  # [tokens, L_moe, k]
         return tokens[:n], chosen[:n], top_ids[:n], top_lp[:n], valid[:n]
+
+    def collect_routes(self, seq: Sequence) -> None:
+        """seq.routes = the experts of each of its computed positions, [num_computed, L_moe, k] int32 (call
+        before its blocks are freed)."""
+        pos = np.arange(seq.num_computed)
+        table = np.asarray(seq.block_table, np.int64)
+        seq.routes = self.routes_pool[table[pos // self.block_size] * self.block_size + pos % self.block_size]
+        seq.routes = seq.routes.astype(np.int32)

@@ -35,6 +35,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_num_seqs))
         self.num_preemptions = 0
+        self.on_finish = None  # called with a finishing sequence before its blocks are freed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -132,6 +133,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if self.on_finish is not None:
+            self.on_finish(seq)
         self.block_manager.deallocate(seq)
         if seq.slot >= 0:
             self.free_slots.append(seq.slot)

@@ -42,6 +42,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] = []
         self.hashes: list[int] = []  # chain hashes of the leading full blocks whose K/V are computed
+        self.routes = None  # with routing recorded: [num_computed, L_moe, k] experts, set when it finishes
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -61,6 +61,7 @@ _GLOBAL_TABLE = (
     ("model.embed_tokens.weight", ("embed",), "plain", 0),
     ("model.norm.weight", ("final_norm", "scale"), "plain", 0),
     ("lm_head.weight", ("lm_head",), "linear", 1),
+    ("score.weight", ("score",), "linear", 1),  # sequence classifiers (reward models)
 )
 # HF keys that may appear in a checkpoint and carry nothing we need.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")

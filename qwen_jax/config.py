@@ -56,6 +56,9 @@ class Qwen3Config:
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645
     pad_token_id: int | None = None
+    # A sequence classifier (HF *ForSequenceClassification, e.g. a reward model) has a [D, num_labels] score
+    # head instead of the LM head; 0 means a causal LM.
+    num_labels: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -64,6 +67,14 @@ class Qwen3Config:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.num_labels > 0
+
+    @property
+    def architecture(self) -> str:
+        return f"Qwen3{'Moe' if self.is_moe else ''}For{'SequenceClassification' if self.is_classifier else 'CausalLM'}"
 
     @property
     def model_type(self) -> str:
@@ -97,7 +108,7 @@ class Qwen3Config:
         experts only) and the LM head. Norm scales, biases and the embedding lookup are not counted."""
         d, hd = self.hidden_size, self.head_dim
         experts = self.num_experts_per_tok if active else self.num_experts
-        total = self.vocab_size * d
+        total = (self.num_labels if self.is_classifier else self.vocab_size) * d  # the output head
         for i in range(self.num_layers):
             total += d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
             if self.is_moe_layer(i):
@@ -112,8 +123,9 @@ class Qwen3Config:
         per_layer = 2 * hd + 2 * d  # q/k norms and the two layer norms
         if self.attention_bias:
             per_layer += hd * (self.num_heads + 2 * self.num_kv_heads) + d
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d  # an untied head is in matmul_params
-        return self.matmul_params(active) + head + d + self.num_layers * per_layer
+        # The embedding, unless it doubles as the head (tied) that matmul_params counted.
+        embed = 0 if self.tie_word_embeddings and not self.is_classifier else self.vocab_size * d
+        return self.matmul_params(active) + embed + d + self.num_layers * per_layer
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -128,6 +140,8 @@ class Qwen3Config:
         require(self.head_dim % 2 == 0, f"config: head_dim must be even for RoPE, got {self.head_dim}")
         require(self.rms_norm_eps > 0, f"config: rms_norm_eps must be positive, got {self.rms_norm_eps}")
         require(self.rope_theta > 0, f"config: rope_theta must be positive, got {self.rope_theta}")
+        require(isinstance(self.num_labels, int) and self.num_labels >= 0,
+                f"config: num_labels must be a non-negative integer, got {self.num_labels!r}")
         require(self.decoder_sparse_step >= 1,
              f"config: decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         if self.is_moe:
@@ -185,6 +199,11 @@ class Qwen3Config:
         is_moe = mt == "qwen3_moe"
         num_experts = (get("num_experts") or get("num_local_experts") or 0) if is_moe else 0
         eos = get("eos_token_id")
+        archs = get("architectures", [])
+        num_labels = 0
+        if isinstance(archs, list) and any(str(a).endswith("ForSequenceClassification") for a in archs):
+            labels = get("id2label")
+            num_labels = len(labels) if isinstance(labels, dict) and labels else get("num_labels", 2)  # HF's default
         kw = dict(
             vocab_size=get("vocab_size", required=True),
             hidden_size=hidden,
@@ -202,6 +221,7 @@ class Qwen3Config:
             bos_token_id=get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=get("pad_token_id"),
+            num_labels=num_labels,
         )
         if is_moe:
             if not num_experts:
@@ -244,7 +264,7 @@ class Qwen3Config:
         """HF config.json contents in the transformers-4 spelling (loads in 4.x and 5.x)."""
         rope = self.rope
         d: dict[str, Any] = {
-            "architectures": ["Qwen3MoeForCausalLM" if self.is_moe else "Qwen3ForCausalLM"],
+            "architectures": [self.architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -280,6 +300,9 @@ class Qwen3Config:
                 router_aux_loss_coef=self.router_aux_loss_coef,
                 output_router_logits=False,
             )
+        if self.is_classifier:
+            d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         if dtype is not None:
             d["torch_dtype"] = dtype
         return d

@@ -9,7 +9,8 @@ Params layout (weights stored [in, out]; layers stacked on a leading axis per ru
     mlp/gate, up [L, D, F]  down [L, F, D]                                  (dense layers)
     moe/router [L, D, E]  gate, up [L, E, D, Fe]  down [L, E, Fe, D]        (MoE layers)
   final_norm/scale     [D]
-  lm_head              [D, V]        only when embeddings are untied
+  lm_head              [D, V]        only when embeddings are untied (causal LMs)
+  score                [D, L]        sequence classifiers (reward models) instead of lm_head
 
 One forward serves training (full sequences, optional segment ids) and inference (a paged KV cache
 plus attention metadata; the updated cache is returned, never mutated in place).
@@ -46,6 +47,7 @@ class ForwardOutput(NamedTuple):
     hidden: jax.Array  # [B, T, D] final normed hidden states
     cache: dict[str, jax.Array] | None  # updated KV pool (None without a cache)
     router_logits: jax.Array | None  # [L_moe, B*T, E] for the load-balancing loss (None if dense)
+    routes: jax.Array | None  # [L_moe, B, T, k] int32: the experts each token went to (None if dense)
     hidden_states: tuple[jax.Array, ...] | None  # per-layer outputs if requested, HF order
 
 
@@ -206,7 +208,7 @@ class MoEBlock(nn.Module):
     rules: ShardingRules | None
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, routes_BTK=None):
         c, dt = self.config, self.dtype
         B, T, D = x_BTD.shape
         E, F = c.num_experts, c.moe_intermediate_size
@@ -216,12 +218,15 @@ class MoEBlock(nn.Module):
         w_down = _param(self, "down", (E, F, D), ("expert", "expert_mlp", "embed")).astype(dt)
         x_TD = x_BTD.reshape(B * T, D)
         router_logits_TE = jnp.einsum("TD,DE->TE", x_TD, w_router)
-        weights, experts = moe.route(router_logits_TE, c.num_experts_per_tok, c.norm_topk_prob, dt)
+        if routes_BTK is None:
+            weights, experts = moe.route(router_logits_TE, c.num_experts_per_tok, c.norm_topk_prob, dt)
+        else:
+            weights, experts = moe.replay_route(router_logits_TE, routes_BTK.reshape(B * T, -1), c.norm_topk_prob, dt)
         if moe.expert_parallel(self.rules):
             y = moe.expert_parallel_mlp(x_TD, weights, experts, w_gate, w_up, w_down, self.rules)
         else:
             y = moe.grouped_expert_mlp(x_TD, weights, experts, w_gate, w_up, w_down)
-        return y.reshape(B, T, D), router_logits_TE
+        return y.reshape(B, T, D), router_logits_TE, experts.reshape(B, T, -1)
 
 
 class DecoderLayer(nn.Module):
@@ -237,7 +242,7 @@ class DecoderLayer(nn.Module):
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, carry, cos, sin, segment_ids, meta):
+    def __call__(self, carry, cos, sin, segment_ids, meta, routes_BTK=None):
         x, cache, layer = carry
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         h = RMSNorm(c.rms_norm_eps, dt, pdt, name="input_norm")(x)
@@ -246,11 +251,11 @@ class DecoderLayer(nn.Module):
         x = x + h
         h = RMSNorm(c.rms_norm_eps, dt, pdt, name="post_attn_norm")(x)
         if self.is_moe:
-            h, router_logits = MoEBlock(c, dt, pdt, self.rules, name="moe")(h)
+            h, router_logits, experts = MoEBlock(c, dt, pdt, self.rules, name="moe")(h, routes_BTK)
         else:
-            h, router_logits = MLP(c, dt, pdt, self.rules, self.lora, name="mlp")(h), None
+            h, router_logits, experts = MLP(c, dt, pdt, self.rules, self.lora, name="mlp")(h), None, None
         x = constrain(x + h, self.rules, ("act_batch", "act_seq", "act_embed"))
-        return (x, cache, layer + 1), (router_logits, x if self.collect_hidden else None)
+        return (x, cache, layer + 1), (router_logits, experts, x if self.collect_hidden else None)
 
 
 REMAT_POLICIES = {
@@ -272,7 +277,8 @@ class Qwen3(nn.Module):
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, input_ids, positions, segment_ids=None, cache=None, meta=None, return_hidden=False):
+    def __call__(self, input_ids, positions, segment_ids=None, cache=None, meta=None, return_hidden=False,
+                 routes=None):
         c, dt = self.config, self.dtype
         V, D = c.vocab_size, c.hidden_size
         embed = _param(self, "embed", (V, D), ("vocab", "embed"))
@@ -284,21 +290,28 @@ class Qwen3(nn.Module):
         if self.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         hidden_states = [x] if self.collect_hidden else None
-        router_logits = []
+        router_logits, chosen = [], []
         carry = (x, cache, jnp.int32(0))
+        moe_seen = 0  # MoE layers before this group: where its slice of `routes` starts
         for g, (is_moe, start, stop) in enumerate(c.layer_groups):
             scanned = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=stop - start,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            carry, (rl, hs) = scanned(c, is_moe, dt, self.param_dtype, self.rules, self.attn_impl,
-                                      self.collect_hidden, self.lora, name=f"layers_{g}")(carry, cos, sin, segment_ids, meta)
+            group_routes = None
+            if is_moe and routes is not None:
+                group_routes = routes[moe_seen:moe_seen + stop - start]
+            carry, (rl, ex, hs) = scanned(c, is_moe, dt, self.param_dtype, self.rules, self.attn_impl,
+                                          self.collect_hidden, self.lora, name=f"layers_{g}")(
+                carry, cos, sin, segment_ids, meta, group_routes)
             if is_moe:
                 router_logits.append(rl)
+                chosen.append(ex)
+                moe_seen += stop - start
             if self.collect_hidden:
                 hidden_states.extend(hs[i] for i in range(stop - start))
         x, cache, _ = carry
@@ -307,7 +320,10 @@ class Qwen3(nn.Module):
             hidden_states[-1] = x  # HF reports the last layer's output after the final norm
         logits = None
         if not return_hidden:
-            head = embed.T if c.tie_word_embeddings else _param(self, "lm_head", (D, V), ("embed", "vocab"))
+            if c.is_classifier:  # per-token class scores; sequence scores pool them (qwen_jax.classifier)
+                head = _param(self, "score", (D, c.num_labels), ("embed", None))
+            else:
+                head = embed.T if c.tie_word_embeddings else _param(self, "lm_head", (D, V), ("embed", "vocab"))
             logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
             logits = constrain(logits, self.rules, ("act_batch", "act_seq", "act_vocab"))
         return ForwardOutput(
@@ -315,12 +331,15 @@ class Qwen3(nn.Module):
             hidden=x,
             cache=cache,
             router_logits=jnp.concatenate(router_logits, axis=0) if router_logits else None,
+            routes=jnp.concatenate(chosen, axis=0) if chosen else None,
             hidden_states=tuple(hidden_states) if self.collect_hidden else None,
         )
 
 
 def output_head(config: Qwen3Config, params) -> jax.Array:
     """The output projection [D, V]: the transposed embedding when tied."""
+    if config.is_classifier:
+        raise ValueError("a sequence classifier (reward model) has a score head, not an LM head")
     return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
 
 
@@ -332,13 +351,15 @@ def _default_positions(input_ids):
 def forward(config: Qwen3Config, params, input_ids, positions=None, segment_ids=None, cache=None,
             meta: AttentionMeta | None = None, *, dtype=None, rules: ShardingRules | None = None,
             attn_impl: str = "auto", remat: str = "none", return_hidden: bool = False,
-            output_hidden_states: bool = False, lora: LoraConfig | None = None) -> ForwardOutput:
+            output_hidden_states: bool = False, lora: LoraConfig | None = None, routes=None) -> ForwardOutput:
     """Pure, jittable forward.
 
     input_ids [B, T] int32; positions [B, T] (default 0..T-1); segment_ids [B, T] (packed documents,
     attention stays within equal ids); cache {"k","v": [L, num_blocks, block_size, Hkv, Hd]} with
     `meta` for the paged path. `dtype` is the compute dtype (default: the params' dtype). With `lora`, params
-    must also hold the adapter tensors (`qwen_jax.lora.combine(base, adapters)`).
+    must also hold the adapter tensors (`qwen_jax.lora.combine(base, adapters)`). `routes` [L_moe, B, T, k]
+    int32 replays given expert choices in the MoE layers (weights still from this forward's router);
+    `out.routes` reports the choices made.
     """
     if (cache is None) != (meta is None):
         raise ValueError("cache and meta must be given together")
@@ -348,7 +369,7 @@ def forward(config: Qwen3Config, params, input_ids, positions=None, segment_ids=
         positions = _default_positions(input_ids)
     model = Qwen3(config, dtype=dtype, param_dtype=params["embed"].dtype, rules=rules, attn_impl=attn_impl,
                   remat=remat, collect_hidden=output_hidden_states, lora=lora)
-    return model.apply({"params": params}, input_ids, positions, segment_ids, cache, meta, return_hidden)
+    return model.apply({"params": params}, input_ids, positions, segment_ids, cache, meta, return_hidden, routes)
 
 
 def _boxed_shapes(config: Qwen3Config, param_dtype, lora: LoraConfig | None = None):

@@ -28,6 +28,17 @@ def route(router_logits_TE: jax.Array, top_k: int, norm_topk_prob: bool, dtype) 
     return weights.astype(dtype), experts.astype(jnp.int32)
 
 
+def replay_route(router_logits_TE: jax.Array, experts_TK: jax.Array, norm_topk_prob: bool,
+                 dtype) -> tuple[jax.Array, jax.Array]:
+    """Routing replay: the given experts [T, k] (e.g. the ones the inference engine chose) with this
+    forward's own router probabilities as their weights, so the router still learns. -> as `route`."""
+    probs = jax.nn.softmax(router_logits_TE.astype(jnp.float32), axis=-1)
+    weights = jnp.take_along_axis(probs, experts_TK, axis=-1)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(dtype), experts_TK.astype(jnp.int32)
+
+
 def grouped_expert_mlp(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array,
                        w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array, *, impl: str = "auto",
                        unroll: bool = False) -> jax.Array:

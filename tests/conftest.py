@@ -62,3 +62,21 @@ def pytest_runtest_makereport(item, call):
     if value is not None and report.failed:
         report.sections.append(("random seed", f"rerun with QWEN_JAX_TEST_SEED={value}"))
     return report
+
+
+@pytest.fixture(scope="session")
+def shipped_reward_model(tmp_path_factory):
+    """The shipped model's body with a random score head, saved as a reward model with its tokenizer."""
+    import jax
+
+    import qwen_jax
+    from qwen_jax.assets import DEFAULT_MODEL
+    from qwen_jax.classifier import as_classifier, init_score_head
+
+    config, params = qwen_jax.load_pretrained(DEFAULT_MODEL)
+    tok = qwen_jax.load_tokenizer(DEFAULT_MODEL)
+    rm = as_classifier(config, 1, tok.pad_token_id)
+    params = {**{k: v for k, v in params.items() if k != "lm_head"}, "score": init_score_head(rm, jax.random.key(0))}
+    path = tmp_path_factory.mktemp("rm") / "hf"
+    qwen_jax.save_pretrained(path, rm, params, tokenizer=tok, progress=False)
+    return str(path), rm, params, tok

@@ -1,4 +1,5 @@
-"""Bad input across the CLIs (infer.generate, train.pretrain, train.sft, train.dpo, train.grpo), table-driven.
+"""Bad input across the CLIs (infer.generate, train.pretrain, train.sft, train.dpo, train.rm, train.grpo),
+table-driven.
 
 Each row runs the CLI's `main` in this process on a workspace that already holds results (a finished output,
 an unfinished batch's partial file, a run directory with a checkpoint and metrics). For every row: exit code
@@ -65,6 +66,10 @@ def bad(tmp_path_factory):
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     shutil.copytree(DEFAULT_MODEL, d / "badconfig_model")
     (d / "badconfig_model" / "config.json").write_text('{"hidden_size": 256,')
+    shutil.copytree(DEFAULT_MODEL, d / "two_label_model")
+    cfg = json.loads((d / "two_label_model" / "config.json").read_text())
+    cfg.update(architectures=["Qwen3ForSequenceClassification"], id2label={"0": "NO", "1": "YES"})
+    (d / "two_label_model" / "config.json").write_text(json.dumps(cfg))
     return d
 
 
@@ -176,7 +181,15 @@ ROWS = [
     ("dpo", ["--beta", "0"], "beta"),
     ("dpo", ["--loss-type", "bogus"], "invalid choice: 'bogus'"),
     ("dpo", ["--out", "{out}/a_file"], "is a file"),
+    # train.rm
+    ("rm", ["--data", "{bad}/bad_pairs.jsonl"], "no usable examples"),
+    ("rm", ["--model", "{bad}/two_label_model"], "a classifier with 2 labels; a reward model has 1"),
+    ("rm", ["--center-rewards", "-1"], "--center-rewards must be >= 0"),
+    ("rm", ["--out", "{out}/run"], "already has checkpoints"),
     # train.grpo
+    ("grpo", ["--reward-model", "{bad}/no_such_model"], "--reward-model {bad}/no_such_model: not a directory"),
+    ("grpo", ["--reward-model", DEFAULT_MODEL + "=0.5"], "a causal LM, not a reward model"),
+    ("grpo", ["--reward-model", "{bad}/two_label_model"], "a classifier with 2 labels, not a reward model"),
     ("grpo", ["--data", "{bad}/empty.jsonl"], "no usable examples"),
     ("grpo", ["--data", "{bad}/nonutf8.jsonl"], "nonutf8.jsonl:2: not UTF-8 text"),
     ("grpo", ["--data", "{bad}/noprompt.jsonl"], "no usable examples"),
@@ -190,6 +203,7 @@ ROWS = [
     ("grpo", ["--beta", "-1"], "--beta must be >= 0"),
     ("grpo", ["--max-new-tokens", "100000"], "exceeds the model's context"),
     ("grpo", ["--aggregation", "mean"], "invalid choice: 'mean'"),
+    ("grpo", ["--moe-routing", "replay"], "--moe-routing replay needs a MoE model"),
 ]
 
 
@@ -202,6 +216,8 @@ def _main(cli):
         from train.sft import main
     elif cli == "grpo":
         from train.grpo import main
+    elif cli == "rm":
+        from train.rm import main
     else:
         from train.dpo import main
     return main
@@ -213,7 +229,7 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(cli, argv, message, bad,
     _workspace(tmp_path)
     before = _snapshot(tmp_path)
     fmt = lambda s: s.replace("{bad}", str(bad)).replace("{out}", str(tmp_path))  # noqa: E731
-    base = {"generate": GEN, "pretrain": PRE, "sft": FT, "dpo": FT, "grpo": RL}[cli]
+    base = {"generate": GEN, "pretrain": PRE, "sft": FT, "dpo": FT, "rm": FT, "grpo": RL}[cli]
     args = [fmt(a) for a in base + argv]
     try:
         rc = _main(cli)(args)

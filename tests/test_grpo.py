@@ -118,9 +118,13 @@ def test_rewards():
     assert R.even_tokens_reward("", "", info) == 0.75
     rs = R.parse_rewards(["math", "format=0.1", "train.demo.rewards:love_words=2"], 16)
     assert [(r.name, r.weight) for r in rs] == [("math", 1.0), ("format", 0.1), ("train.demo.rewards:love_words", 2.0)]
-    values = R.score(rs, "p", "<think>x</think> my love, \\boxed{0.5}", info, "f.jsonl:3")
-    assert values["math"] == 1.0 and values["format"] == 1.0 and values["train.demo.rewards:love_words"] > 0
-    assert math.isclose(R.total(rs, values), 1.1 + 2 * values["train.demo.rewards:love_words"])
+    items = [R.Scored("p", "<think>x</think> my love, \\boxed{0.5}", info, "f.jsonl:3"),
+             R.Scored("p", "no", {**info, "answer": 1}, "f.jsonl:4")]
+    values = R.score(rs, items)
+    assert list(values["math"]) == [1.0, 0.0] and list(values["format"]) == [1.0, 0.0]
+    love = values["train.demo.rewards:love_words"]
+    assert love[0] > 0 and love[1] == 0
+    assert np.allclose(R.total(rs, values), [1.1 + 2 * love[0], 0.0])
     for spec, msg in (("nope", "unknown reward"), ("math=x", "not a number"), ("os:nope", "cannot import"),
                       ("no_such_module_x:f", "cannot import")):
         with pytest.raises(ConfigError, match=msg):
@@ -129,7 +133,23 @@ def test_rewards():
                     (lambda p, c, i: float("nan"), "returned nan on f.jsonl:3"),
                     (lambda p, c, i: "1", "returned '1' on f.jsonl:3")):
         with pytest.raises(DataError, match=msg):
-            R.score([R.Reward("boom", fn, 1.0)], "p", "c", info, "f.jsonl:3")
+            R.score([R.Reward("boom", fn, 1.0)], [R.Scored("p", "c", info, "f.jsonl:3")])
+
+    class Batched:  # a reward over the whole batch, as a reward model is
+        batched = True
+
+        def __init__(self, out):
+            self.out = out
+
+        def __call__(self, prompts, completions, infos):
+            return self.out(len(completions))
+
+    for fn, msg in ((Batched(lambda n: 1 / 0), "failed on the completions of f.jsonl:3 and others: ZeroDivisionError"),
+                    (Batched(lambda n: [0.0] * (n + 1)), "returned 2 values for 1 completions"),
+                    (Batched(lambda n: [float("inf")] * n), "returned inf on f.jsonl:3")):
+        with pytest.raises(DataError, match=msg):
+            R.score([R.Reward("boom", fn, 1.0)], [R.Scored("p", "c", info, "f.jsonl:3")])
+    assert list(R.score([R.Reward("b", Batched(lambda n: [0.5] * n), 1.0)], items)["b"]) == [0.5, 0.5]
 
 
 def _tiny(**overrides):
@@ -166,28 +186,79 @@ def test_engine_update_params_switches_weights_and_forgets_cached_prefixes():
         fresh.shutdown()
 
 
+def _moe(**overrides):
+    return _tiny(**{**dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), **overrides})
+
+
+def _rollout(config, dtype: str, replay: bool, prompts=3, max_new=12):
+    """One rollout batch of `prompts` random prompts x 4 samples from a fresh model, log-probs from the
+    engine -> (task, params, batch)."""
+    rules = _rules()
+    params = qwen_jax.init_params(config, jax.random.key(0))
+    task = GRPOTask.of(config, dataclasses.replace(TC, seq_len=31, compute_dtype=dtype), rules, GRPOConfig(group_size=4))
+    rng = np.random.default_rng(0)
+    ps = [Prompt(f"p:{i}", "", tuple(int(t) for t in rng.integers(3, config.vocab_size, 5 + i)), {})
+          for i in range(prompts)]
+    rc = RolloutConfig(prompts_per_step=prompts, max_new_tokens=max_new, reuse_logprobs=True, block_size=4,
+                       routing_replay=replay)
+    source = RolloutSource(config, None, rules, ps, [R.Reward("even", R.even_tokens_reward, 1.0)], task, rc,
+                           row_len=32, micro=4 * prompts, compute_dtype=dtype)
+    try:
+        return task, params, source.rollout(params, list(range(prompts)), seed=0, step=0)
+    finally:
+        source.close()
+
+
+def _recorded(batch) -> np.ndarray:
+    """[n, T] bool: the input positions the engine read (all of prompt and completion but the last token)."""
+    n_read = batch["segment_ids"].sum(1) - 1
+    return np.arange(batch["tokens"].shape[1] - 1)[None, :] < n_read[:, None]
+
+
+def _own_routes(config, params, batch, dtype) -> np.ndarray:
+    """[n, T, L_moe, k] the experts the trainer's forward picks by itself, each token's set sorted."""
+    out = qwen_jax.forward(config, params, jnp.asarray(batch["tokens"][:, :-1]), dtype=jnp.dtype(dtype))
+    return np.sort(np.moveaxis(np.asarray(out.routes), 0, 2), -1)
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_engine_logprobs_equal_the_trainers(kind):
     """The contract: for the tokens the engine sampled, its float32 log-probs equal the trainer's recomputed
-    ones within 1e-5, so --reuse-rollout-logprobs starts every step at ratio 1."""
-    config = _tiny(**(dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if kind == "moe" else {}))
-    rules = _rules()
-    params = qwen_jax.init_params(config, jax.random.key(0))
-    grpo = GRPOConfig(group_size=4)
-    task = GRPOTask.of(config, dataclasses.replace(TC, seq_len=31), rules, grpo)
-    rng = np.random.default_rng(0)
-    prompts = [Prompt(f"p:{i}", "", tuple(int(t) for t in rng.integers(3, 64, 5 + i)), {}) for i in range(3)]
-    rc = RolloutConfig(prompts_per_step=3, max_new_tokens=12, reuse_logprobs=True, block_size=4)
-    source = RolloutSource(config, None, rules, prompts, [R.Reward("even", R.even_tokens_reward, 1.0)], task, rc,
-                           row_len=32, micro=12)
-    try:
-        batch = source.rollout(params, [0, 1, 2], seed=0, step=0)
-        ours = np.asarray(task.logprobs(params, jax.tree.map(jnp.asarray, batch)))
-    finally:
-        source.close()
+    ones within 1e-5, so --reuse-rollout-logprobs starts every step at ratio 1. For MoE the engine also
+    records each token's experts (the 4 samples of a prompt share its prefill through the prefix cache):
+    in float32 they are the trainer's own, and replaying them keeps the contract."""
+    config = _moe() if kind == "moe" else _tiny()
+    task, params, batch = _rollout(config, "float32", replay=kind == "moe")
+    b = jax.tree.map(jnp.asarray, batch)
+    ours = np.asarray(task.logprobs(params, b))
     m = batch["loss_mask"][:, 1:] == 1
     assert m.sum() > 100
     np.testing.assert_allclose(batch["old_logps"][m], ours[m], rtol=0, atol=1e-5)
+    if kind == "moe":
+        seen = _recorded(batch)
+        assert np.array_equal(np.sort(batch["routes"], -1)[seen], _own_routes(config, params, batch, "float32")[seen])
+        own = np.asarray(task.logprobs(params, {k: v for k, v in b.items() if k != "routes"}))
+        np.testing.assert_allclose(own[m], ours[m], rtol=0, atol=1e-5)
+
+
+def test_moe_routing_replay_in_bfloat16():
+    """In bfloat16 the engine's and the trainer's forwards round differently, so without replay some
+    tokens' experts flip (near-ties in the router), and the first-step ratio at those tokens strays from 1
+    further. Replaying the engine's experts removes the flips: what is left is bfloat16 rounding."""
+    config = _moe(vocab_size=256, hidden_size=128, head_dim=32, num_experts=64, num_experts_per_tok=8,
+                  moe_intermediate_size=64)
+    task, params, batch = _rollout(config, "bfloat16", replay=True, prompts=4, max_new=16)
+    b = jax.tree.map(jnp.asarray, batch)
+    seen = _recorded(batch)
+    flipped = (np.sort(batch["routes"], -1) != _own_routes(config, params, batch, "bfloat16")).any(-1)  # [n, T, L]
+    flipped_tokens = flipped.any(-1) & seen
+    assert flipped_tokens.sum() >= 1
+    old = batch["old_logps"]
+    replay = np.abs(np.asarray(task.logprobs(params, b)) - old)  # |log ratio| at the first step
+    own = np.abs(np.asarray(task.logprobs(params, {k: v for k, v in b.items() if k != "routes"})) - old)
+    m = batch["loss_mask"][:, 1:] == 1
+    assert replay[flipped_tokens].max() < own[flipped_tokens].max()
+    assert replay[m].max() < own[m].max() and np.expm1(replay[m].max()) <= 4e-3, (replay[m].max(), own[m].max())
 
 
 def test_grpo_raises_a_reward_the_model_knows_nothing_of(tmp_path):
@@ -273,9 +344,10 @@ def test_a_failing_reward_stops_with_one_line_naming_it_and_the_prompt(tmp_path,
         assert err.strip().splitlines()[-1] == f"error: {msg}"
 
 
-def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path):
+def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, shipped_reward_model):
     """SIGKILL after the first checkpoint, then --resume: the same rewards, losses and final weights, bit for
-    bit (rollout seeds come from (seed, step, prompt); the engine forgets its prefix cache on every update)."""
+    bit (rollout seeds come from (seed, step, prompt); the engine forgets its prefix cache on every update).
+    The rewards are the demo's plus a reward model at weight 0.5, logged on its own."""
     import json
     import os
     import signal
@@ -288,7 +360,8 @@ def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = repo
-    cmd = [sys.executable, "-m", "train.grpo"]
+    rm = shipped_reward_model[0]
+    cmd = [sys.executable, "-m", "train.grpo", "--reward", "train.demo.rewards:love_words", "--reward-model", f"{rm}=0.5"]
     ref = subprocess.run(cmd + _cli(tmp_path / "ref"), env=env, cwd=repo, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "cut"
@@ -309,6 +382,10 @@ def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path):
         return [(r["step"], r["reward"], r["loss"]) for r in map(json.loads, open(run / "metrics.jsonl"))]
 
     assert curve(out) == curve(tmp_path / "ref") and len(curve(out)) == 4
+    key = f"reward/model:{os.path.normpath(rm)}"
+    for r in map(json.loads, open(out / "metrics.jsonl")):  # the total is the weighted sum
+        assert abs(r["reward"] - (0.5 * r[key] + r["reward/train.demo.rewards:love_words"])) <= 1e-6, r
+        assert r[key + "_std"] > 0  # the reward model tells completions apart
     a, b = (SafetensorsFile(str(d / "hf" / "model.safetensors")) for d in (tmp_path / "ref", out))
     for k in a.keys():
         np.testing.assert_array_equal(np.asarray(a.get(k)), np.asarray(b.get(k)), err_msg=k)

@@ -21,7 +21,6 @@ small model in a few minutes on a CPU.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -33,11 +32,8 @@ DEMO = dict(steps=30, seq_len=256, lr=2e-4, warmup=3, out=os.path.join("runs", "
 def parse_args(argv=None):
     from train import finetune as F
     from train.preference import LOSS_TYPES
-    from qwen_jax.cli import ArgumentParser
 
-    p = ArgumentParser(prog="python -m train.dpo", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    F.add_finetune_args(p, "dpo_pairs.jsonl", DEFAULTS)
+    p = F.parser("python -m train.dpo", __doc__, "dpo_pairs.jsonl", DEFAULTS)
     g = p.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1, help="KL strength beta (default: %(default)s)")
     g.add_argument("--loss-type", default="sigmoid", choices=LOSS_TYPES, help="(default: %(default)s)")
@@ -59,7 +55,6 @@ def _main(args) -> int:
     import jax
     import numpy as np
 
-    from kernels.util import cdiv
     from train import chat_data as C
     from train import finetune as F
     from train import cli
@@ -72,11 +67,7 @@ def _main(args) -> int:
     dpo = DPOConfig(beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing).validate()
     rules, tok, config = F.setup(args)
     lora = F.lora_config(args)
-    paths = args.data or [os.path.join(F.DEMO_DIR, "dpo_pairs.jsonl")]
-    renderer = C.ChatRenderer(tok)
-    pairs = F.read_all(paths, lambda p: C.read_preferences(p, renderer, args.seq_len + 1, args.strict), say)
-    longest = max(max(len(p[0]), len(p[2])) for p in pairs)
-    row_len = min(args.seq_len + 1, cdiv(longest, 16) * 16)  # pad only as far as the longest pair needs
+    paths, pairs, row_len = F.read_pairs(args, tok, args.seq_len + 1, say)  # padded only as far as needed
     args.seq_len = row_len - 1
     train_p, eval_p = C.split_examples(pairs, args.eval_fraction, args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

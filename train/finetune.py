@@ -11,6 +11,15 @@ from qwen_jax.assets import DEFAULT_MODEL
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 
 
+def parser(prog: str, doc: str, demo_file: str, defaults: dict) -> argparse.ArgumentParser:
+    """A fine-tuning CLI's parser (one-line usage errors) with the shared flags."""
+    from qwen_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_args(p, demo_file, defaults)
+    return p
+
+
 def add_finetune_args(p: argparse.ArgumentParser, demo_file: str, defaults: dict) -> None:
     from train.cli import add_common_args
 
@@ -95,6 +104,19 @@ def read_all(paths, read_one, say) -> list:
     if not examples:
         raise DataError(f"no usable examples in {', '.join(paths)} ({total} lines read)")
     return examples
+
+
+def read_pairs(args, tok, max_len: int, say):
+    """Preference pairs of --data (default: the demo's), each side at most `max_len` tokens -> (paths, pairs,
+    row length: the longest pair's, rounded up to 16, at most max_len)."""
+    from kernels.util import cdiv
+    from train import chat_data as C
+
+    paths = args.data or [os.path.join(DEMO_DIR, "dpo_pairs.jsonl")]
+    renderer = C.ChatRenderer(tok)
+    pairs = read_all(paths, lambda p: C.read_preferences(p, renderer, max_len, args.strict), say)
+    longest = max(max(len(p[0]), len(p[2])) for p in pairs)
+    return paths, pairs, min(max_len, cdiv(longest, 16) * 16)
 
 
 def load_weights(args, config, lora, rules, compute_dtype: str):

@@ -8,7 +8,8 @@ into advantages; and takes one optimizer step on the clipped surrogate (train/rl
 (--eval-fraction) are scored before and after training with fixed sampling seeds.
 
 Rewards (--reward NAME[=WEIGHT], repeatable): math, format, length (--length-budget), even_tokens, or a
-Python function module:function(prompt, completion, info) -> float.
+Python function module:function(prompt, completion, info) -> float; and --reward-model DIR[=WEIGHT], a reward
+model trained with python -m train.rm.
 
 With no --data it runs the shipped demo: the shipped small model learns to speak of love (a user reward,
 train/demo/rewards.py) in a few minutes on a CPU.
@@ -35,16 +36,16 @@ DEMO = dict(steps=60, lr=2e-4, out=os.path.join("runs", "grpo-demo"), reward=["t
 
 
 def parse_args(argv=None):
-    from qwen_jax.cli import ArgumentParser
     from train import finetune as F
     from train.rl import AGGREGATIONS
 
-    p = ArgumentParser(prog="python -m train.grpo", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    F.add_finetune_args(p, "grpo_prompts.jsonl", DEFAULTS)
+    p = F.parser("python -m train.grpo", __doc__, "grpo_prompts.jsonl", DEFAULTS)
     g = p.add_argument_group("GRPO")
     g.add_argument("--reward", action="append", default=None, metavar="NAME[=WEIGHT]",
                    help="math, format, length, even_tokens or module:function; repeatable (default: math)")
+    g.add_argument("--reward-model", action="append", default=None, metavar="DIR[=WEIGHT]",
+                   help="a reward model (python -m train.rm's export) as a reward; repeatable, adds to --reward "
+                        "(default without --reward: the reward model alone)")
     g.add_argument("--length-budget", type=int, default=512, help="completion tokens before `length` penalises")
     g.add_argument("--group-size", type=int, default=8, help="G: samples per prompt (default: %(default)s)")
     g.add_argument("--prompts-per-step", type=int, default=8, help="P: prompts per step; a step trains on P x G")
@@ -63,6 +64,9 @@ def parse_args(argv=None):
                    help="average over all completion tokens, or per completion first (default: %(default)s)")
     g.add_argument("--reuse-rollout-logprobs", action="store_true",
                    help="take the sampling policy's log-probs from the engine instead of recomputing them")
+    g.add_argument("--moe-routing", default="own", choices=("own", "replay"),
+                   help="MoE: 'replay' trains on the experts the engine chose for each token (recorded during the "
+                        "rollout) instead of re-routing (default: %(default)s)")
     g.add_argument("--ref-model", default=None, help="HF checkpoint of the KL reference (default: --model)")
     return F.parse_with_demo(p, argv, DEMO)
 
@@ -91,6 +95,7 @@ def _main(args) -> int:
     from train import rewards as R
     from train.cli import say, train_config
     from train.chat_data import split_examples
+    from train.reward_model import RewardModelReward, parse_reward_model
     from train.rl import GRPOConfig, GRPOTask
     from train.rollout import RolloutConfig, RolloutSource, read_prompts
     from train.trainer import fit
@@ -101,7 +106,8 @@ def _main(args) -> int:
         require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     require(args.temperature > 0 and 0 < args.top_p <= 1,
             f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
-    rewards = R.parse_rewards(args.reward or ["math"], args.length_budget)
+    rm_specs = [parse_reward_model(spec) for spec in args.reward_model or []]
+    rewards = R.parse_rewards(args.reward or ["math"], args.length_budget) if args.reward or not rm_specs else []
     for flag in ("--batch-size", "--seq-len"):
         if flag in args.given:
             raise ConfigError(f"{flag} is set by GRPO itself: a step trains on --prompts-per-step x --group-size "
@@ -112,6 +118,8 @@ def _main(args) -> int:
     require(args.seq_len + 1 <= config.max_position_embeddings,
             f"--max-prompt-len + --max-new-tokens = {args.seq_len + 1} exceeds the model's context "
             f"({config.max_position_embeddings})")
+    require(args.moe_routing == "own" or config.is_moe,
+            f"--moe-routing replay needs a MoE model; {args.model} is dense")
     lora = F.lora_config(args)
     paths = args.data or [os.path.join(F.DEMO_DIR, "grpo_prompts.jsonl")]
     prompts = F.read_all(paths, lambda p: read_prompts(p, tok, args.max_prompt_len, args.enable_thinking,
@@ -125,17 +133,23 @@ def _main(args) -> int:
     tc = train_config(args)
     tc.validate()
     check_interrupt()
+    rm_names = [(f"model:{os.path.normpath(path)}", w) for path, w in rm_specs]
     say(f"model: {args.model} ({config.num_params() / 1e6:.1f}M params) | data: {len(train_prompts)} train / "
-        f"{len(held_prompts)} held-out prompts | rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)} | "
+        f"{len(held_prompts)} held-out prompts | rewards: "
+        f"{', '.join(f'{n} x {w:g}' for n, w in [(r.name, r.weight) for r in rewards] + rm_names)} | "
         f"{args.prompts_per_step} prompts x {args.group_size} samples per step | "
         f"{'LoRA rank ' + str(lora.rank) if lora else 'full fine-tuning'} | {tc.steps} steps on "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
     trainable, frozen = F.load_weights(args, config, lora, rules, tc.compute_dtype)
+    for (path, weight), (name, _) in zip(rm_specs, rm_names):
+        rewards.append(R.Reward(name, RewardModelReward(path, rules, tc.compute_dtype, progress=not args.no_progress),
+                                weight))
     if grpo.beta > 0:
         frozen = F.reference_model(args, config, lora, frozen, trainable, tc.compute_dtype)
     task = GRPOTask.of(config, tc, rules, grpo, lora)
     rc = RolloutConfig(prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, reuse_logprobs=args.reuse_rollout_logprobs)
+                       temperature=args.temperature, top_p=args.top_p, reuse_logprobs=args.reuse_rollout_logprobs,
+                       routing_replay=args.moe_routing == "replay")
     source = RolloutSource(config, tok, rules, train_prompts, rewards, task, rc, args.seq_len + 1,
                            tc.batch_size // tc.grad_accum, frozen, lora, tc.compute_dtype)
     meta = {"command": "grpo", "model": os.path.abspath(args.model), "data": [os.path.abspath(p) for p in paths],

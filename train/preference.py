@@ -26,7 +26,7 @@ from qwen_jax.sharding import ShardingRules
 from train.config import TrainConfig
 from train.losses import token_logprobs
 from train.placement import put_batch
-from train.tasks import ForwardOptions, forward_rows, model_params
+from train.tasks import ForwardOptions, WeightedExamplesTask, forward_rows, model_params
 
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -84,12 +84,14 @@ def _flat_pairs(batch):
     return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("tokens", "segment_ids", "loss_mask")}
 
 
-class DPOTask:
+class DPOTask(WeightedExamplesTask):
     """The DPO objective as a trainer task. Batches: tokens / segment_ids / loss_mask [b, 2, T+1] (chosen,
     rejected), weight [b] (0 on evaluation padding) and optionally ref_logps [b, 2] (precomputed).
 
     Without ref_logps, the reference is `frozen["ref"]` (a separate model) or, with LoRA, the frozen base
     without adapters (no extra memory)."""
+
+    METRICS = METRICS
 
     def __init__(self, config: Qwen3Config, opts: ForwardOptions, dpo: DPOConfig,
                  aux_loss_coef: float | None = None):
@@ -120,26 +122,6 @@ class DPOTask:
                 "rewards/accuracy": jnp.sum(w * (r_w > r_l)), "rewards/margin": jnp.sum(w * (r_w - r_l)),
                 "logps/chosen": jnp.sum(w * pi[:, 0]), "logps/rejected": jnp.sum(w * pi[:, 1]), "n": jnp.sum(w),
                 "aux": aux}
-
-    def normalizer(self, batch):  # the number of real pairs in the whole batch
-        return jnp.maximum(jnp.sum(batch["weight"].astype(jnp.float32)), 1.0)
-
-    def loss(self, trainable, frozen, mb, norm, A):
-        sums = self._sums(trainable, frozen, mb)
-        return sums["loss"] / norm + self.aux_coef * sums["aux"] / A, sums
-
-    def metrics(self, sums, norm, A):
-        return {**{k: sums[k] / norm for k in METRICS}, "aux_loss": sums["aux"] / A}
-
-    def eval_sums(self, trainable, frozen, batch):
-        return self._sums(trainable, frozen, batch)
-
-    @staticmethod
-    def eval_metrics(sums) -> dict | None:
-        if not sums or float(sums["n"]) == 0:
-            return None
-        n = float(sums["n"])
-        return {f"eval_{k}": float(sums[k]) / n for k in METRICS}
 
 
 def precompute_reference(task: DPOTask, frozen, ds, batch_size: int, rules: ShardingRules) -> np.ndarray:

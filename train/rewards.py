@@ -1,7 +1,9 @@
 """Rewards for RL (train.grpo): rule-based rewards, user functions, and their weighted combination.
 
 A reward is a function `(prompt: str, completion: str, info: dict) -> float`. `info` holds the prompt line's
-own fields (e.g. `answer`) plus `completion_tokens` (the completion's length in tokens).
+own fields (e.g. `answer`, and `messages` for a chat prompt) plus `completion_tokens` (the completion's length
+in tokens) and `completion_token_ids`. A reward whose function has `batched = True` (a reward model,
+train/reward_model.py) takes lists instead and returns one value per completion.
 
 Built in:
 * `math`: 1 when the completion's final answer (the last `\\boxed{...}`, else the last number) equals the
@@ -25,6 +27,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
+
+import numpy as np
 
 from qwen_jax.errors import ConfigError, DataError
 
@@ -140,20 +144,49 @@ def parse_rewards(specs: list[str], length_budget: int) -> list[Reward]:
     return out
 
 
-def score(rewards: list[Reward], prompt: str, completion: str, info: dict, where: str) -> dict[str, float]:
-    """Each reward's value for one completion, checked: {name: value}. DataError naming the reward and the
-    prompt (`where`) when a reward raises or returns something other than a finite number."""
-    out = {}
-    for r in rewards:
+@dataclass(frozen=True)
+class Scored:
+    """What one completion's rewards are computed from."""
+    prompt: str
+    completion: str
+    info: dict
+    where: str  # the prompt's file:line, for errors
+
+
+def _checked(r: Reward, value, where: str) -> float:
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise DataError(f"reward {r.name} returned {value!r} on {where}; a reward must be a finite number")
+    return float(value)
+
+
+def _values(r: Reward, items: list[Scored]) -> list[float]:
+    if getattr(r.fn, "batched", False):  # e.g. a reward model: one call for the whole batch
         try:
-            value = r.fn(prompt, completion, info)
+            values = list(r.fn([i.prompt for i in items], [i.completion for i in items], [i.info for i in items]))
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"reward {r.name} failed on the completions of {items[0].where} and others: "
+                            f"{type(e).__name__}: {e}") from None
+        if len(values) != len(items):
+            raise DataError(f"reward {r.name} returned {len(values)} values for {len(items)} completions")
+        return [_checked(r, v, i.where) for v, i in zip(values, items)]
+    out = []
+    for i in items:
+        try:
+            value = r.fn(i.prompt, i.completion, i.info)
         except Exception as e:  # a user function's bug: one line naming it and the prompt
-            raise DataError(f"reward {r.name} failed on {where}: {type(e).__name__}: {e}") from None
-        if not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise DataError(f"reward {r.name} returned {value!r} on {where}; a reward must be a finite number")
-        out[r.name] = float(value)
+            raise DataError(f"reward {r.name} failed on {i.where}: {type(e).__name__}: {e}") from None
+        out.append(_checked(r, value, i.where))
     return out
 
 
-def total(rewards: list[Reward], values: dict[str, float]) -> float:
+def score(rewards: list[Reward], items: list[Scored]) -> dict[str, np.ndarray]:
+    """Each reward's values over the completions, checked: {name: [len(items)] float64}. DataError naming the
+    reward and the prompt when a reward raises or returns something other than a finite number."""
+    return {r.name: np.asarray(_values(r, items), np.float64) for r in rewards}
+
+
+def total(rewards: list[Reward], values: dict[str, np.ndarray]) -> np.ndarray:
+    """The weighted sum of the rewards' values."""
     return sum(r.weight * values[r.name] for r in rewards)

@@ -14,7 +14,8 @@ completions (the DeepSeekMath paper).
 
 Batches (rows [b, T+1], as every task): tokens, segment_ids (1 on real tokens), loss_mask (1 on completion
 tokens), old_logps and ref_logps [b, T] aligned with the targets (tokens[:, 1:]), advantages [b] and
-weight [b] (0 on padding rows).
+weight [b] (0 on padding rows); with MoE routing replay also routes [b, T, L_moe, k], the experts the engine
+chose for each input token, which the policy's forward then uses (its router still sets their weights).
 """
 
 from __future__ import annotations
@@ -120,10 +121,11 @@ class GRPOTask:
         return policy_logprobs(self.config, params, rows, self.opts)[0]
 
     def reference_logprobs(self, frozen, rows):
-        """[b, T] log-probs under the reference: frozen["ref"], or with LoRA the base without adapters."""
+        """[b, T] log-probs under the reference: frozen["ref"], or with LoRA the base without adapters. The
+        reference routes by its own router (replayed routes are the sampling policy's)."""
         ref = frozen["ref"] if "ref" in frozen else frozen["base"]
         opts = dataclasses.replace(self.opts, lora=None)
-        return policy_logprobs(self.config, ref, rows, opts)[0]
+        return policy_logprobs(self.config, ref, {k: v for k, v in rows.items() if k != "routes"}, opts)[0]
 
     def _sums(self, trainable, frozen, mb):
         params = model_params(trainable, frozen, self.opts.lora)

@@ -69,7 +69,7 @@ def read_prompts(path: str, tok, max_prompt_len: int, enable_thinking: bool | No
         if err is not None:
             bad.add(n, err)
             continue
-        info = {k: v for k, v in obj.items() if k not in ("prompt", "messages")}
+        info = {k: v for k, v in obj.items() if k != "prompt"}  # messages stay: a reward model reads them
         out.append(Prompt(f"{path}:{n}", text, tuple(ids), info))
     return out, bad, bad.total
 
@@ -81,6 +81,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     reuse_logprobs: bool = False  # take the old policy's log-probs from the engine (the contract)
+    routing_replay: bool = False  # MoE: record the engine's experts; the trainer's forward uses them
     block_size: int = 16
 
 
@@ -113,7 +114,7 @@ class RolloutSource:
                                  block_size=self.rc.block_size, max_num_seqs=rows,
                                  max_num_batched_tokens=max(1024, self.row_len),
                                  num_kv_blocks=rows * cdiv(self.row_len, self.rc.block_size) + 1,
-                                 dtype=jax.numpy.dtype(self.dtype))
+                                 dtype=jax.numpy.dtype(self.dtype), record_routes=self.rc.routing_replay)
         else:
             self.engine.update_params(params)
         return self.engine
@@ -144,20 +145,13 @@ class RolloutSource:
             for s in streams:
                 s.close()
 
-    def score(self, prompts: list[Prompt], outs) -> tuple[np.ndarray, dict[str, list[float]]]:
-        """-> (weighted total rewards [len(prompts), n], each reward's values {name: [values]})."""
-        per: dict[str, list[float]] = {r.name: [] for r in self.rewards}
-        totals = []
-        for p, out in zip(prompts, outs):
-            row = []
-            for c in out.outputs:
-                info = {**p.info, "completion_tokens": len(c.token_ids), "completion_token_ids": c.token_ids}
-                values = R.score(self.rewards, p.text, c.text, info, p.where)
-                for k, v in values.items():
-                    per[k].append(v)
-                row.append(R.total(self.rewards, values))
-            totals.append(row)
-        return np.asarray(totals, np.float64), per
+    def score(self, prompts: list[Prompt], outs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """-> (weighted total rewards [len(prompts), n], each reward's values {name: [len(prompts) * n]})."""
+        items = [R.Scored(p.text, c.text, {**p.info, "completion_tokens": len(c.token_ids),
+                                           "completion_token_ids": c.token_ids}, p.where)
+                 for p, out in zip(prompts, outs) for c in out.outputs]
+        per = R.score(self.rewards, items)
+        return R.total(self.rewards, per).reshape(len(prompts), -1), per
 
     def rollout(self, trainable, indices: list[int], seed: int, step: int) -> dict:
         """One GRPO batch [P*G, row_len] from fresh samples of prompts[indices] under `trainable`."""
@@ -172,6 +166,11 @@ class RolloutSource:
                  "loss_mask": np.zeros((n, T1), np.int8), "old_logps": np.zeros((n, T1 - 1), np.float32),
                  "ref_logps": np.zeros((n, T1 - 1), np.float32), "advantages": adv.reshape(-1),
                  "weight": np.ones(n, np.float32)}
+        if self.rc.routing_replay:  # positions without a recorded route (padding) get experts 0..k-1
+            c = self.config
+            L = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+            batch["routes"] = np.broadcast_to(np.arange(c.num_experts_per_tok, dtype=np.int32),
+                                              (n, T1 - 1, L, c.num_experts_per_tok)).copy()
         lengths = []
         for r, (pr, out) in enumerate((pr, c) for pr, o in zip(prompts, outs) for c in o.outputs):
             prompt, comp = list(pr.ids), list(out.token_ids)
@@ -179,6 +178,8 @@ class RolloutSource:
             p, k = len(prompt), len(ids) - len(prompt)
             batch["tokens"][r, :len(ids)], batch["segment_ids"][r, :len(ids)] = ids, 1
             batch["loss_mask"][r, p:len(ids)] = 1
+            if self.rc.routing_replay:
+                batch["routes"][r, :len(out.routes)] = out.routes[:T1 - 1]
             if self.rc.reuse_logprobs:  # the engine's log-prob of each sampled token (the chosen one first)
                 batch["old_logps"][r, p - 1:p - 1 + k] = [next(iter(lp.values())) for lp in out.logprobs[:k]]
             lengths.append(k)
@@ -202,7 +203,7 @@ class RolloutSource:
     def _forward(self, fn, trainable, frozen, batch) -> np.ndarray:
         """[n, T] log-probs of a whole batch, micro-batch by micro-batch."""
         out = []
-        rows = {k: batch[k] for k in ("tokens", "segment_ids", "loss_mask")}
+        rows = {k: batch[k] for k in ("tokens", "segment_ids", "loss_mask", "routes") if k in batch}
         for s in range(0, len(batch["tokens"]), self.micro):
             mb = {k: v[s:s + self.micro] for k, v in rows.items()}
             out.append(np.asarray(jax.device_get(fn(trainable, frozen, put_batch(mb, self.rules)))))

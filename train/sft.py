@@ -17,7 +17,6 @@ answers in the chat format.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -30,11 +29,8 @@ DEMO = dict(steps=100, seq_len=256, lr=1e-3, warmup=10, out=os.path.join("runs",
 
 def parse_args(argv=None):
     from train import finetune as F
-    from qwen_jax.cli import ArgumentParser
 
-    p = ArgumentParser(prog="python -m train.sft", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    F.add_finetune_args(p, "sft_chats.jsonl", DEFAULTS)
+    p = F.parser("python -m train.sft", __doc__, "sft_chats.jsonl", DEFAULTS)
     p.add_argument("--last-turn-only", action="store_true", help="loss on the final assistant turn only")
     return F.parse_with_demo(p, argv, DEMO)
 

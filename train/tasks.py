@@ -90,13 +90,15 @@ def model_params(trainable, frozen, lora: LoraConfig | None):
 
 
 def forward_rows(config: Qwen3Config, params, rows, opts: ForwardOptions) -> RowsForward:
-    """The forward over packed rows {"tokens", "segment_ids"[, "loss_mask"]} [N, T+1]; `params` are the
-    forward's params (with adapters when opts.lora)."""
+    """The forward over packed rows {"tokens", "segment_ids"[, "loss_mask"][, "routes"]} [N, T+1]; `params`
+    are the forward's params (with adapters when opts.lora). `routes` [N, T, L_moe, k] (RL's routing
+    replay) are the experts each input token goes to in each MoE layer."""
     tokens, seg = rows["tokens"], rows["segment_ids"]
     seg_in = seg[:, :-1]
+    routes = jnp.moveaxis(rows["routes"], 2, 0) if "routes" in rows else None  # [L_moe, N, T, k]
     out = qwen_jax.forward(config, params, tokens[:, :-1], positions=positions_from_segments(seg_in),
                            segment_ids=seg_in, dtype=jnp.dtype(opts.compute_dtype), rules=opts.rules,
-                           remat=opts.remat, return_hidden=True, lora=opts.lora)
+                           remat=opts.remat, return_hidden=True, lora=opts.lora, routes=routes)
     aux = jnp.float32(0.0)
     if out.router_logits is not None:
         aux = moe.load_balancing_loss(out.router_logits, config.num_experts_per_tok, (seg_in != 0).reshape(-1))
@@ -147,3 +149,31 @@ class LMTask:
             return None
         loss = float(sums["ce"]) / float(sums["n"])
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+
+
+class WeightedExamplesTask:
+    """What a task whose loss averages over weighted examples shares (DPO and reward-model pairs). A subclass
+    gives `_sums(trainable, frozen, mb)`: sums over the micro-batch's examples of "loss" and of each of its
+    METRICS, "n" (the real examples: batches carry weight [b], 0 on evaluation padding) and "aux" (MoE)."""
+
+    METRICS: tuple[str, ...] = ()
+    aux_coef: float = 0.0
+
+    def normalizer(self, batch):  # the number of real examples in the whole batch
+        return jnp.maximum(jnp.sum(batch["weight"].astype(jnp.float32)), 1.0)
+
+    def loss(self, trainable, frozen, mb, norm, A):
+        sums = self._sums(trainable, frozen, mb)
+        return sums["loss"] / norm + self.aux_coef * sums["aux"] / A, sums
+
+    def metrics(self, sums, norm, A):
+        return {**{k: sums[k] / norm for k in self.METRICS}, "aux_loss": sums["aux"] / A}
+
+    def eval_sums(self, trainable, frozen, batch):
+        return self._sums(trainable, frozen, batch)
+
+    def eval_metrics(self, sums) -> dict | None:
+        if not sums or float(sums["n"]) == 0:
+            return None
+        n = float(sums["n"])
+        return {f"eval_{k}": float(sums[k]) / n for k in self.METRICS}

@@ -47,13 +47,17 @@ def randomize(model, seed: int = 0, gain: float = 1.0):
     return model
 
 
-def build(tmp_path, seed: int = 0, dtype=torch.float32, **overrides):
-    """Save a random model to tmp_path; return (hf_model in eval mode, directory)."""
-    from transformers import AutoModelForCausalLM
+def build(tmp_path, seed: int = 0, dtype=torch.float32, classifier: bool = False, **overrides):
+    """Save a random model to tmp_path; return (hf_model in eval mode, directory). `classifier`: a
+    *ForSequenceClassification with one label (a reward model), padded with token 0."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
+    if classifier:
+        overrides = {"num_labels": 1, "pad_token_id": 0, **overrides}
     cfg = hf_config(**overrides)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = auto.from_config(cfg, dtype=torch.float32)
     randomize(model, seed)
     model = model.to(dtype).eval()
     path = os.fspath(tmp_path)
