@@ -68,8 +68,8 @@ def test_bf16_parity(tmp_path, name, rng):
     """bf16 weights and compute on both sides: logits within BF16_TOL of the max logit.
 
     MoE in bf16: the router logits are rounded to bf16 on both sides (as in HF), so a near-tie can pick a
-    different expert for a few tokens (measured: ~2% of tokens), as can an exact bf16 tie at the top-k
-    boundary. Those tokens, and later tokens that attend to them, legitimately differ; positions before a
+    different expert for a few tokens, as can an exact bf16 tie at the top-k boundary (150 random draws of
+    48 tokens: 3.5% of tokens on average, at most 17%; a broken router flips nearly all). Those tokens, and later tokens that attend to them, legitimately differ; positions before a
     row's first flip or tie are held to BF16_TOL (300 random draws: all within 0.017)."""
     model, path = build(tmp_path, seed=3, dtype=torch.bfloat16, **CONFIGS[name])
     cfg, params = qwen_jax.load_pretrained(path, progress=False)
@@ -93,7 +93,7 @@ def test_bf16_parity(tmp_path, name, rng):
             srt = -np.sort(-np.asarray(out.router_logits[j], np.float32), -1)
             flipped |= srt[:, k - 1] == srt[:, k]
         flipped = flipped.reshape(B, T)
-        assert flipped.mean() <= 0.1
+        assert flipped.mean() <= 0.25
         valid = np.cumsum(flipped, axis=1) == 0  # before the first flip in each row
     assert valid[:, 0].all()
     scale = np.abs(theirs).max()
