@@ -3,6 +3,7 @@
 # appended to docs/benchmarks.md (and copied to $OUT when set, for the device tool to bring back).
 #
 #     bash benchmarks/gpu_session.sh            # about 9 minutes on an H100 (estimated)
+#     bash benchmarks/gpu_session.sh rl         # a second call (one call may run 10 minutes): GRPO steps
 #
 # The attention benchmark checks each kernel against the XLA reference on the GPU before timing it
 # (flash forward and dq/dk/dv; paged decode on every case), and the grouped-matmul benchmark checks the
@@ -18,6 +19,13 @@ step() {
     echo "== $*"
     timeout "$limit" python "$@" || echo "!! exit $?: $*"
 }
+if [ "${1:-}" = "rl" ]; then  # GRPO at the 0.6B shape and at 30B-A3B's widths, 4 layers; TRL beside if installed
+    trl=$(python -c "import trl" 2>/dev/null && echo "" || echo "--skip-trl")
+    step 240 benchmarks/grpo.py --model qwen3-0.6b --prompts 16 --group 8 --max-new-tokens 256 --steps 3 $trl
+    step 240 benchmarks/grpo.py --model qwen3-30b-a3b --layers 4 --prompts 16 --group 8 --max-new-tokens 256 --steps 3 $trl
+    if [ -n "${OUT:-}" ]; then cp docs/benchmarks.md "$OUT/"; fi
+    exit 0
+fi
 step 150 benchmarks/attention.py --parts paged --batches 1 8 64 256 --contexts 512 4096 32768
 step 150 benchmarks/attention.py --parts flash --seqs 1024 4096 16384
 step 90 benchmarks/train_mfu.py --models qwen3-0.6b

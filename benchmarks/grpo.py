@@ -116,6 +116,15 @@ def run_trl(model: str, a, out: str, gpu: bool) -> list[dict]:
             for s, g, n in list(zip(steps, gen, lengths))[a.warmup:]]
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def summary(rows: list[dict], a, prompt_tokens: float) -> list:
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
     step, rollout, comp = med("step_s"), med("rollout_s"), med("completion_tokens")
@@ -131,8 +140,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8, help="P: prompts per step")
     p.add_argument("--group", type=int, default=8, help="G: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--steps", type=int, default=4, help="timed steps")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first (prompts of new lengths compile new engine shapes)")
     p.add_argument("--skip-trl", action="store_true")
     a = p.parse_args()
     import jax
@@ -158,7 +168,7 @@ def main() -> None:
            f"{shape}; {a.prompts} prompts x {a.group} samples, up to {a.max_new_tokens} new tokens, the even-token "
            f"reward; medians of {a.steps} steps after {a.warmup} untimed; train s = step - rollout (ours: old "
            f"log-probs from the engine; TRL: num_iterations 1 needs none); train tok/s counts prompt + completion "
-           f"tokens")
+           f"tokens; torch {_version('torch')}, transformers {_version('transformers')}, TRL {_version('trl')}")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def test_train_rm_learns_the_shipped_pairs_and_exports_a_transformers_classifier
     from train import rm
 
     out = tmp_path / "rm"
-    rc = rm.main(["--steps", "6", "--batch-size", "8", "--lora-rank", "8", "--lr", "2e-3", "--eval-fraction", "0.1",
+    rc = rm.main(["--steps", "6", "--batch-size", "8", "--lora-rank", "8", "--lr", "2e-3", "--eval-fraction", "0.05",
                   "--no-progress", "--out", str(out)])
     stdout, err = capfd.readouterr()
     assert rc == 0, err[-3000:]

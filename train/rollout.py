@@ -155,6 +155,7 @@ class RolloutSource:
 
     def rollout(self, trainable, indices: list[int], seed: int, step: int) -> dict:
         """One GRPO batch [P*G, row_len] from fresh samples of prompts[indices] under `trainable`."""
+        jax.block_until_ready(trainable)  # the last training step may still run: its time is not the rollout's
         t0 = time.perf_counter()
         prompts = [self.prompts[i] for i in indices]
         outs = self.generate(trainable, prompts, [self.sampling(seed, step, i) for i in indices])
