@@ -394,6 +394,8 @@ def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, shipped_reward_m
     for r in map(json.loads, open(out / "metrics.jsonl")):  # the total is the weighted sum
         assert abs(r["reward"] - (0.5 * r[key] + r["reward/train.demo.rewards:love_words"])) <= 1e-6, r
         assert r[key + "_std"] > 0  # the reward model tells completions apart
+        assert r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0 and r["batch_tokens"] > 0
+        assert {"kl", "clip_fraction", "entropy", "zero_advantage_groups", "completion_tokens", "rollout_s"} <= set(r)
     a, b = (SafetensorsFile(str(d / "hf" / "model.safetensors")) for d in (tmp_path / "ref", out))
     for k in a.keys():
         np.testing.assert_array_equal(np.asarray(a.get(k)), np.asarray(b.get(k)), err_msg=k)

@@ -197,6 +197,7 @@ class RolloutSource:
             "reward": float(rewards.mean()), "reward_std": float(rewards.std()), "zero_advantage_groups": zero,
             "completion_tokens": float(np.mean(lengths)), "rollout_s": t1 - t0, "old_logprobs_s": t3 - t2,
             "reference_s": t4 - t3, "rollout_tokens_per_s": sum(lengths) / max(t1 - t0, 1e-9),
+            "batch_tokens": int(batch["segment_ids"].sum()),  # real prompt + completion tokens
             **{f"reward/{k}": float(np.mean(v)) for k, v in per_reward.items()},
             **{f"reward/{k}_std": float(np.std(v)) for k, v in per_reward.items()}}
         return batch

@@ -167,7 +167,10 @@ def fit(config: Qwen3Config, tc: TrainConfig, params, train_ds: RowDataset, eval
             raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
         timing = {"tokens_per_s": tok_s, "mfu": mfu, "step_s": dt / max(steps_since, 1),
                   "batch_s": waited / max(steps_since, 1)}  # batch_s: waiting for data (RL: the rollout)
-        logger.log(step, {**metrics, **timing, **getattr(train_ds, "last_metrics", {})})
+        source = getattr(train_ds, "last_metrics", {})
+        if "batch_tokens" in source:  # a source that counts its real tokens (RL): training throughput alone
+            timing["train_tokens_per_s"] = source["batch_tokens"] / max(timing["step_s"] - timing["batch_s"], 1e-9)
+        logger.log(step, {**metrics, **timing, **source})
         waited = 0.0
         last["train_loss"] = float(metrics["loss"])
         last["last"] = {k: float(v) for k, v in metrics.items()}
