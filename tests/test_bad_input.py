@@ -204,6 +204,7 @@ ROWS = [
     ("grpo", ["--max-new-tokens", "100000"], "exceeds the model's context"),
     ("grpo", ["--aggregation", "mean"], "invalid choice: 'mean'"),
     ("grpo", ["--moe-routing", "replay"], "--moe-routing replay needs a MoE model"),
+    ("grpo", ["--inner-steps", "0"], "--inner-steps must be >= 1"),
 ]
 
 

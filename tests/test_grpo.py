@@ -86,19 +86,20 @@ def test_grpo_loss_and_gradients_match_pytorch(tmp_path, cfg, rng):
     batch = {**rows, "old_logps": old.numpy(), "ref_logps": ref.numpy(), "weight": np.ones(len(old), np.float32),
              "advantages": group_advantages(rewards, cfg.scale_std).reshape(-1)}
 
-    task = GRPOTask.of(config, TC, None, cfg)
-    mb = jax.tree.map(jnp.asarray, batch)
-    (loss, sums), grads = jax.value_and_grad(task.loss, has_aux=True)(policy, None, mb, task.normalizer(mb), 1)
-
     policy_hf.train()
     t_loss = _torch_grpo(_torch_token_logps(policy_hf, rows), old, ref, rewards, mask, cfg)
     t_loss.backward()
-    assert abs(float(loss) - t_loss.item()) <= 1e-5, (float(loss), t_loss.item())
-    assert 0 < float(sums["clip_fraction"]) < float(sums["tokens"])  # the clip is exercised
-    ours = hf_state_dict(config, grads)
     theirs = checkpoint_layout({k: p.grad.numpy() for k, p in policy_hf.named_parameters()})
-    for k in theirs:
-        assert rel_err(ours[k], theirs[k]) <= 1e-4, k
+    longest = int(rows["loss_mask"].sum(1).max())  # the LM head on the completion window only, or everywhere
+    for window in (0, longest):
+        task = GRPOTask.of(config, TC, None, cfg, window=window)
+        mb = jax.tree.map(jnp.asarray, batch)
+        (loss, sums), grads = jax.value_and_grad(task.loss, has_aux=True)(policy, None, mb, task.normalizer(mb), 1)
+        assert abs(float(loss) - t_loss.item()) <= 1e-5, (window, float(loss), t_loss.item())
+        assert 0 < float(sums["clip_fraction"]) < float(sums["tokens"])  # the clip is exercised
+        ours = hf_state_dict(config, grads)
+        for k in theirs:
+            assert rel_err(ours[k], theirs[k]) <= 1e-4, (window, k)
 
 
 def test_rewards():
@@ -355,7 +356,9 @@ def test_a_failing_reward_stops_with_one_line_naming_it_and_the_prompt(tmp_path,
 def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, shipped_reward_model):
     """SIGKILL after the first checkpoint, then --resume: the same rewards, losses and final weights, bit for
     bit (rollout seeds come from (seed, step, prompt); the engine forgets its prefix cache on every update).
-    The rewards are the demo's plus a reward model at weight 0.5, logged on its own."""
+    Two optimizer steps per rollout (--inner-steps 2) and a checkpoint every step, so the run is cut between
+    two inner steps and resumes on the kept rollout batch. The rewards are the demo's plus a reward model at
+    weight 0.5, logged on its own."""
     import json
     import os
     import signal
@@ -369,7 +372,8 @@ def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, shipped_reward_m
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = repo
     rm = shipped_reward_model[0]
-    cmd = [sys.executable, "-m", "train.grpo", "--reward", "train.demo.rewards:love_words", "--reward-model", f"{rm}=0.5"]
+    cmd = [sys.executable, "-m", "train.grpo", "--reward", "train.demo.rewards:love_words", "--reward-model", f"{rm}=0.5",
+           "--inner-steps", "2", "--save-every", "1"]
     ref = subprocess.run(cmd + _cli(tmp_path / "ref"), env=env, cwd=repo, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "cut"
@@ -390,6 +394,9 @@ def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, shipped_reward_m
         return [(r["step"], r["reward"], r["loss"]) for r in map(json.loads, open(run / "metrics.jsonl"))]
 
     assert curve(out) == curve(tmp_path / "ref") and len(curve(out)) == 4
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["inner_step"] for r in rows] == [0, 1, 0, 1]  # two rollouts, two steps each
+    assert rows[0]["reward"] == rows[1]["reward"] and rows[0]["loss"] != rows[1]["loss"]
     key = f"reward/model:{os.path.normpath(rm)}"
     for r in map(json.loads, open(out / "metrics.jsonl")):  # the total is the weighted sum
         assert abs(r["reward"] - (0.5 * r[key] + r["reward/train.demo.rewards:love_words"])) <= 1e-6, r
@@ -399,3 +406,21 @@ def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, shipped_reward_m
     a, b = (SafetensorsFile(str(d / "hf" / "model.safetensors")) for d in (tmp_path / "ref", out))
     for k in a.keys():
         np.testing.assert_array_equal(np.asarray(a.get(k)), np.asarray(b.get(k)), err_msg=k)
+
+
+def test_a_rollout_batch_is_kept_for_a_resume_between_inner_steps(tmp_path):
+    """With --inner-steps 2, a run stopped after the first inner step resumes on the same batch (from
+    out/rollouts), then draws the next prompts; a batch that is gone is a one-line error."""
+    config = _tiny()
+    task = GRPOTask.of(config, TC, None, GRPOConfig(group_size=2))
+    prompts = [Prompt(f"p:{i}", "", (3, 4, 5), {}) for i in range(4)]
+    source = RolloutSource(config, None, None, prompts, [], task, RolloutConfig(prompts_per_step=2, inner_steps=2),
+                           row_len=16, micro=4, out_dir=str(tmp_path))
+    batch = {"tokens": np.arange(64, dtype=np.int32).reshape(4, 16), "advantages": np.ones(4, np.float32)}
+    source._save(7, batch)
+    resumed = source.batches(4, 0, {"epoch": 0, "index": 1, "inner": 1, "rollout": 7}, current=lambda: None)
+    got, state = next(resumed)
+    assert state == {"epoch": 0, "index": 1, "inner": 0, "rollout": 7} and source.last_metrics["inner_step"] == 1
+    assert got.keys() == batch.keys() and all(np.array_equal(got[k], batch[k]) for k in batch)
+    with pytest.raises(DataError, match="cannot resume between the inner steps of rollout 3: .*3.npz is missing"):
+        next(source.batches(4, 0, {"epoch": 0, "index": 1, "inner": 1, "rollout": 3}, current=lambda: None))

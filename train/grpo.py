@@ -62,6 +62,9 @@ def parse_args(argv=None):
                                                                 "(Dr. GRPO)")
     g.add_argument("--aggregation", default="token", choices=AGGREGATIONS,
                    help="average over all completion tokens, or per completion first (default: %(default)s)")
+    g.add_argument("--inner-steps", type=int, default=1,
+                   help="optimizer steps on each rollout batch (mu; TRL's num_iterations); --steps counts "
+                        "optimizer steps (default: %(default)s)")
     g.add_argument("--reuse-rollout-logprobs", action="store_true",
                    help="take the sampling policy's log-probs from the engine instead of recomputing them")
     g.add_argument("--moe-routing", default="own", choices=("own", "replay"),
@@ -102,7 +105,7 @@ def _main(args) -> int:
 
     grpo = GRPOConfig(group_size=args.group_size, beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high,
                       scale_std=not args.no_scale_std, aggregation=args.aggregation).validate()
-    for flag in ("prompts_per_step", "max_prompt_len", "max_new_tokens", "length_budget"):
+    for flag in ("prompts_per_step", "max_prompt_len", "max_new_tokens", "length_budget", "inner_steps"):
         require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     require(args.temperature > 0 and 0 < args.top_p <= 1,
             f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
@@ -129,7 +132,7 @@ def _main(args) -> int:
         raise DataError(f"{len(train_prompts)} training prompts, fewer than --prompts-per-step "
                         f"{args.prompts_per_step}")
     if args.steps is None:
-        args.steps = max(1, int(args.epochs * len(train_prompts)) // args.prompts_per_step)
+        args.steps = max(1, int(args.epochs * len(train_prompts)) // args.prompts_per_step * args.inner_steps)
     tc = train_config(args)
     tc.validate()
     check_interrupt()
@@ -146,12 +149,12 @@ def _main(args) -> int:
                                 weight))
     if grpo.beta > 0:
         frozen = F.reference_model(args, config, lora, frozen, trainable, tc.compute_dtype)
-    task = GRPOTask.of(config, tc, rules, grpo, lora)
+    task = GRPOTask.of(config, tc, rules, grpo, lora, window=args.max_new_tokens)
     rc = RolloutConfig(prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, reuse_logprobs=args.reuse_rollout_logprobs,
-                       routing_replay=args.moe_routing == "replay")
+                       routing_replay=args.moe_routing == "replay", inner_steps=args.inner_steps)
     source = RolloutSource(config, tok, rules, train_prompts, rewards, task, rc, args.seq_len + 1,
-                           tc.batch_size // tc.grad_accum, frozen, lora, tc.compute_dtype)
+                           tc.batch_size // tc.grad_accum, frozen, lora, tc.compute_dtype, out_dir=args.out)
     meta = {"command": "grpo", "model": os.path.abspath(args.model), "data": [os.path.abspath(p) for p in paths],
             "grpo": vars(grpo), "rewards": [{"name": r.name, "weight": r.weight} for r in rewards],
             "lora": vars(lora) if lora else None, "train": dict(vars(tc))}

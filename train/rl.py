@@ -91,45 +91,65 @@ def token_weights(mask, cfg: GRPOConfig):
     return m
 
 
-def policy_logprobs(config: Qwen3Config, params, rows, opts: ForwardOptions, entropy: bool = False):
+def policy_logprobs(config: Qwen3Config, params, rows, opts: ForwardOptions, entropy: bool = False,
+                    window: int = 0):
     """Log-probs [b, T] of every target token (and with entropy=True the policy's entropy there [b, T]),
-    the completion mask [b, T] and the MoE load-balancing loss."""
+    the completion mask [b, T] and the MoE load-balancing loss.
+
+    `window` > 0 (at least the longest completion, e.g. max_new_tokens): the LM head and its softmax run
+    only on the `window` positions from each row's first completion target, not on the prompt's (the
+    values elsewhere are 0, and masked out by every user)."""
     f = forward_rows(config, params, rows, opts)
     b, T, D = f.hidden.shape
-    out = token_logprobs(f.hidden.reshape(b * T, D), output_head(config, params), f.targets.reshape(-1),
-                         opts.ce_chunk, entropy=entropy)
-    if entropy:
-        return out[0].reshape(b, T), out[1].reshape(b, T), f.mask, f.aux
-    return out.reshape(b, T), None, f.mask, f.aux
+    head = output_head(config, params)
+    if not window or window >= T:
+        out = token_logprobs(f.hidden.reshape(b * T, D), head, f.targets.reshape(-1), opts.ce_chunk, entropy=entropy)
+        lp, ent = (out if entropy else (out, None))
+        return lp.reshape(b, T), None if ent is None else ent.reshape(b, T), f.mask, f.aux
+    pos = jnp.argmax(f.mask, axis=1)[:, None] + jnp.arange(window)[None, :]  # [b, W]: the completion's targets
+    inside = pos < T
+    pos = jnp.minimum(pos, T - 1)
+    h = jnp.take_along_axis(f.hidden, pos[..., None], axis=1).reshape(b * window, D)
+    out = token_logprobs(h, head, jnp.take_along_axis(f.targets, pos, axis=1).reshape(-1), opts.ce_chunk,
+                         entropy=entropy)
+    rows_b = jnp.arange(b)[:, None]
+
+    def back(x):  # [b * W] -> [b, T]; a clipped duplicate of position T - 1 adds 0
+        return jnp.zeros((b, T), x.dtype).at[rows_b, pos].add(jnp.where(inside, x.reshape(b, window), 0))
+
+    lp, ent = (out if entropy else (out, None))
+    return back(lp), None if ent is None else back(ent), f.mask, f.aux
 
 
 class GRPOTask:
     """The GRPO objective as a trainer task (see the module docstring for the batch)."""
 
     def __init__(self, config: Qwen3Config, opts: ForwardOptions, grpo: GRPOConfig,
-                 aux_loss_coef: float | None = None):
+                 aux_loss_coef: float | None = None, window: int = 0):
         self.config, self.opts, self.grpo = config, opts, grpo.validate()
         self.aux_coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+        self.window = window  # > 0: the LM head runs on the completion positions only (policy_logprobs)
 
     @classmethod
     def of(cls, config: Qwen3Config, tc: TrainConfig, rules: ShardingRules | None, grpo: GRPOConfig,
-           lora: LoraConfig | None = None) -> "GRPOTask":
-        return cls(config, ForwardOptions.of(tc, rules, lora), grpo, tc.aux_loss_coef)
+           lora: LoraConfig | None = None, window: int = 0) -> "GRPOTask":
+        return cls(config, ForwardOptions.of(tc, rules, lora), grpo, tc.aux_loss_coef, window)
 
     def logprobs(self, params, rows):
         """[b, T] log-probs of the targets under `params` (the forward's params, adapters included)."""
-        return policy_logprobs(self.config, params, rows, self.opts)[0]
+        return policy_logprobs(self.config, params, rows, self.opts, window=self.window)[0]
 
     def reference_logprobs(self, frozen, rows):
         """[b, T] log-probs under the reference: frozen["ref"], or with LoRA the base without adapters. The
         reference routes by its own router (replayed routes are the sampling policy's)."""
         ref = frozen["ref"] if "ref" in frozen else frozen["base"]
         opts = dataclasses.replace(self.opts, lora=None)
-        return policy_logprobs(self.config, ref, {k: v for k, v in rows.items() if k != "routes"}, opts)[0]
+        return policy_logprobs(self.config, ref, {k: v for k, v in rows.items() if k != "routes"}, opts,
+                               window=self.window)[0]
 
     def _sums(self, trainable, frozen, mb):
         params = model_params(trainable, frozen, self.opts.lora)
-        logp, ent, mask, aux = policy_logprobs(self.config, params, mb, self.opts, entropy=True)
+        logp, ent, mask, aux = policy_logprobs(self.config, params, mb, self.opts, entropy=True, window=self.window)
         ref = mb["ref_logps"] if self.grpo.beta > 0 else logp
         loss, kl, clipped = grpo_token_terms(logp, mb["old_logps"], ref, mb["advantages"], self.grpo)
         w = token_weights(mask, self.grpo)

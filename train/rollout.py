@@ -5,7 +5,9 @@ one GRPO batch.
 
 Sampling seeds come from (run seed, step, prompt index) per request, and the engine derives each sample's
 own from the request's; the engine forgets its prefix cache whenever the weights change. A resumed run
-therefore samples exactly what the uninterrupted run sampled.
+therefore samples exactly what the uninterrupted run sampled. With `inner_steps` mu > 1 each rollout batch
+serves mu optimizer steps (its old log-probs stay those of the policy that sampled it); it is kept in
+out/rollouts/ so that a run stopped between two inner steps resumes on the same batch.
 
 `RolloutSource` is a batch source for `train.trainer.fit`: `batches(batch_size, seed, state, current)`
 yields (batch, data state after it) forever, where `current()` returns the trainer's parameters now; its
@@ -15,6 +17,7 @@ yields (batch, data state after it) forever, where `current()` returns the train
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Callable
 
@@ -82,6 +85,7 @@ class RolloutConfig:
     top_p: float = 1.0
     reuse_logprobs: bool = False  # take the old policy's log-probs from the engine (the contract)
     routing_replay: bool = False  # MoE: record the engine's experts; the trainer's forward uses them
+    inner_steps: int = 1  # optimizer steps on each rollout batch (mu; the ratio leaves 1 from the second on)
     block_size: int = 16
 
 
@@ -90,12 +94,15 @@ class RolloutSource:
 
     def __init__(self, config: Qwen3Config, tok, rules: ShardingRules, prompts: list[Prompt], rewards: list,
                  task: GRPOTask, rc: RolloutConfig, row_len: int, micro: int, frozen=None, lora=None,
-                 compute_dtype: str = "float32"):
+                 compute_dtype: str = "float32", out_dir: str | None = None):
         if len(prompts) < rc.prompts_per_step:
             raise DataError(f"{len(prompts)} usable prompts, fewer than --prompts-per-step {rc.prompts_per_step}")
         self.config, self.tok, self.rules, self.prompts = config, tok, rules, prompts
         self.rewards, self.task, self.rc, self.row_len, self.micro = rewards, task, rc, row_len, micro
         self.frozen, self.lora, self.dtype = frozen, lora, compute_dtype
+        if rc.inner_steps > 1 and out_dir is None:
+            raise ValueError("inner_steps > 1 keeps each rollout batch in out_dir (for --resume): give out_dir")
+        self.saved = os.path.join(out_dir, "rollouts") if out_dir else None
         self.G = task.grpo.group_size
         self.engine: Engine | None = None
         self.last_metrics: dict = {}
@@ -123,8 +130,41 @@ class RolloutSource:
         P = self.rc.prompts_per_step
         if batch_size != P * self.G:
             raise ValueError(f"batch_size {batch_size} != prompts_per_step x group_size = {P * self.G}")
-        for chosen, step, nxt in shuffled_batches(len(self.prompts), P, seed, state):
-            yield self.rollout(current(), [int(i) for i in chosen], seed, step), nxt
+        mu, state = self.rc.inner_steps, dict(state or {})
+        inner, number = state.pop("inner", 0), state.pop("rollout", None)
+        if inner:  # resumed between two inner steps of a rollout: its batch is on disk
+            batch = self._load(number)
+            for j in range(inner, mu):
+                self.last_metrics = {**self.last_metrics, "inner_step": j}
+                yield batch, {**state, "inner": (j + 1) % mu, "rollout": number}
+        for chosen, step, nxt in shuffled_batches(len(self.prompts), P, seed, state or None):
+            batch = self.rollout(current(), [int(i) for i in chosen], seed, step)
+            if mu > 1:
+                self._save(step, batch)
+            for j in range(mu):
+                self.last_metrics = {**self.last_metrics, "inner_step": j}
+                yield batch, {**nxt, "inner": (j + 1) % mu, "rollout": step}
+
+    def _save(self, number: int, batch: dict) -> None:
+        """Keep a rollout batch (and the one before) for a resume between its inner steps; atomic."""
+        if jax.process_index() != 0:
+            return
+        os.makedirs(self.saved, exist_ok=True)
+        tmp = os.path.join(self.saved, f"{number}.incomplete.npz")
+        np.savez(tmp, **batch)
+        os.replace(tmp, os.path.join(self.saved, f"{number}.npz"))
+        for name in os.listdir(self.saved):
+            stem = name.removesuffix(".npz")
+            if stem.isdigit() and int(stem) < number - 1:
+                os.remove(os.path.join(self.saved, name))
+
+    def _load(self, number: int) -> dict:
+        path = os.path.join(self.saved or "", f"{number}.npz")
+        if not os.path.exists(path):
+            raise DataError(f"cannot resume between the inner steps of rollout {number}: {path} is missing "
+                            f"(only the last two rollouts are kept)")
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
 
     def sampling(self, seed: int, step: int | None, prompt_index: int) -> SamplingParams:
         """G samples of one prompt; the request's seed comes from (run seed, step, prompt index), or for
@@ -154,7 +194,8 @@ class RolloutSource:
         return R.total(self.rewards, per).reshape(len(prompts), -1), per
 
     def rollout(self, trainable, indices: list[int], seed: int, step: int) -> dict:
-        """One GRPO batch [P*G, row_len] from fresh samples of prompts[indices] under `trainable`."""
+        """One GRPO batch [P*G, T+1] from fresh samples of prompts[indices] under `trainable`; T+1 is the
+        longest prompt + completion rounded up to a power of two, at most row_len."""
         jax.block_until_ready(trainable)  # the last training step may still run: its time is not the rollout's
         t0 = time.perf_counter()
         prompts = [self.prompts[i] for i in indices]
@@ -162,7 +203,9 @@ class RolloutSource:
         t1 = time.perf_counter()
         rewards, per_reward = self.score(prompts, outs)
         adv = group_advantages(rewards, self.task.grpo.scale_std)
-        n, T1 = len(indices) * self.G, self.row_len
+        # Rows as long as this batch needs, in powers of two (few shapes to compile), at most row_len.
+        longest = max(len(p.ids) + len(c.token_ids) for p, o in zip(prompts, outs) for c in o.outputs)
+        n, T1 = len(indices) * self.G, min(self.row_len, max(16, 1 << (longest - 1).bit_length()))
         batch = {"tokens": np.zeros((n, T1), np.int32), "segment_ids": np.zeros((n, T1), np.int32),
                  "loss_mask": np.zeros((n, T1), np.int8), "old_logps": np.zeros((n, T1 - 1), np.float32),
                  "ref_logps": np.zeros((n, T1 - 1), np.float32), "advantages": adv.reshape(-1),
