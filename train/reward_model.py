@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.util import cdiv
 from qwen_jax import moe
 from qwen_jax.classifier import as_classifier, init_score_head, pooled_scores
 from qwen_jax.config import Qwen3Config
@@ -172,7 +171,7 @@ class RewardModelReward:
         if longest > self.config.max_position_embeddings:
             raise DataError(f"a completion is {longest} tokens long for the reward model {self.path}, longer "
                             f"than its context ({self.config.max_position_embeddings})")
-        T = min(cdiv(longest, 64) * 64, self.config.max_position_embeddings)  # few shapes to compile
+        T = min(max(64, 1 << (longest - 1).bit_length()), self.config.max_position_embeddings)  # few shapes
         out = []
         for s in range(0, len(seqs), self.batch_size):
             chunk = seqs[s:s + self.batch_size]
