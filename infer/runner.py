@@ -187,5 +187,5 @@ class ModelRunner:
         before its blocks are freed)."""
         pos = np.arange(seq.num_computed)
         table = np.asarray(seq.block_table, np.int64)
-        seq.routes = self.routes_pool[table[pos // self.block_size] * self.block_size + pos % self.block_size]
-        seq.routes = seq.routes.astype(np.int32)
+        slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
+        seq.routes = self.routes_pool[slots].astype(np.int32)

@@ -218,10 +218,8 @@ class MoEBlock(nn.Module):
         w_down = _param(self, "down", (E, F, D), ("expert", "expert_mlp", "embed")).astype(dt)
         x_TD = x_BTD.reshape(B * T, D)
         router_logits_TE = jnp.einsum("TD,DE->TE", x_TD, w_router)
-        if routes_BTK is None:
-            weights, experts = moe.route(router_logits_TE, c.num_experts_per_tok, c.norm_topk_prob, dt)
-        else:
-            weights, experts = moe.replay_route(router_logits_TE, routes_BTK.reshape(B * T, -1), c.norm_topk_prob, dt)
+        weights, experts = moe.route(router_logits_TE, c.num_experts_per_tok, c.norm_topk_prob, dt,
+                                     None if routes_BTK is None else routes_BTK.reshape(B * T, -1))
         if moe.expert_parallel(self.rules):
             y = moe.expert_parallel_mlp(x_TD, weights, experts, w_gate, w_up, w_down, self.rules)
         else:

@@ -19,21 +19,16 @@ from jax.sharding import PartitionSpec as P
 from kernels.grouped_matmul import grouped_matmul
 
 
-def route(router_logits_TE: jax.Array, top_k: int, norm_topk_prob: bool, dtype) -> tuple[jax.Array, jax.Array]:
-    """-> (weights [T, k] in `dtype`, expert ids [T, k] int32)."""
+def route(router_logits_TE: jax.Array, top_k: int, norm_topk_prob: bool, dtype,
+          experts_TK: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """-> (weights [T, k] in `dtype`, expert ids [T, k] int32). Given `experts_TK` (routing replay: e.g. the
+    ones the inference engine chose), those experts, weighted by this router's probabilities (so the router
+    still learns); else the top k."""
     probs = jax.nn.softmax(router_logits_TE.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
-    if norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights.astype(dtype), experts.astype(jnp.int32)
-
-
-def replay_route(router_logits_TE: jax.Array, experts_TK: jax.Array, norm_topk_prob: bool,
-                 dtype) -> tuple[jax.Array, jax.Array]:
-    """Routing replay: the given experts [T, k] (e.g. the ones the inference engine chose) with this
-    forward's own router probabilities as their weights, so the router still learns. -> as `route`."""
-    probs = jax.nn.softmax(router_logits_TE.astype(jnp.float32), axis=-1)
-    weights = jnp.take_along_axis(probs, experts_TK, axis=-1)
+    if experts_TK is None:
+        weights, experts_TK = jax.lax.top_k(probs, top_k)
+    else:
+        weights = jnp.take_along_axis(probs, experts_TK, axis=-1)
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights.astype(dtype), experts_TK.astype(jnp.int32)

@@ -409,18 +409,21 @@ def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, shipped_reward_m
 
 
 def test_a_rollout_batch_is_kept_for_a_resume_between_inner_steps(tmp_path):
-    """With --inner-steps 2, a run stopped after the first inner step resumes on the same batch (from
-    out/rollouts), then draws the next prompts; a batch that is gone is a one-line error."""
+    """With --inner-steps 2, a run stopped after the first inner step resumes on the same batch and its
+    metrics (from out/rollouts), then draws the next prompts; a batch that is gone is a one-line error."""
     config = _tiny()
     task = GRPOTask.of(config, TC, None, GRPOConfig(group_size=2))
     prompts = [Prompt(f"p:{i}", "", (3, 4, 5), {}) for i in range(4)]
     source = RolloutSource(config, None, None, prompts, [], task, RolloutConfig(prompts_per_step=2, inner_steps=2),
                            row_len=16, micro=4, out_dir=str(tmp_path))
     batch = {"tokens": np.arange(64, dtype=np.int32).reshape(4, 16), "advantages": np.ones(4, np.float32)}
+    source.last_metrics = {"reward": 0.25}  # the rollout's metrics are kept with it
     source._save(7, batch)
+    source.last_metrics = {}
     resumed = source.batches(4, 0, {"epoch": 0, "index": 1, "inner": 1, "rollout": 7}, current=lambda: None)
     got, state = next(resumed)
     assert state == {"epoch": 0, "index": 1, "inner": 0, "rollout": 7} and source.last_metrics["inner_step"] == 1
+    assert source.last_metrics == {"reward": 0.25, "inner_step": 1}
     assert got.keys() == batch.keys() and all(np.array_equal(got[k], batch[k]) for k in batch)
     with pytest.raises(DataError, match="cannot resume between the inner steps of rollout 3: .*3.npz is missing"):
         next(source.batches(4, 0, {"epoch": 0, "index": 1, "inner": 1, "rollout": 3}, current=lambda: None))

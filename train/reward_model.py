@@ -152,9 +152,10 @@ class RewardModelReward:
 
         check_reward_model(path)
         self.path, self.tok, self.batch_size = path, load_tokenizer(path), batch_size
-        self.config, self.params = load_pretrained(path, dtype=dtype, mesh=rules.mesh if rules else None,
-                                                   rules=rules, progress=progress)
-        self.pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        config, self.params = load_pretrained(path, dtype=dtype, mesh=rules.mesh if rules else None, rules=rules,
+                                              progress=progress)
+        self.config = reward_model_config(config, self.tok)  # without a pad token: the tokenizer's pads rows
+        self.pad = self.config.pad_token_id
         self._score = jax.jit(lambda p, t: sequence_scores(self.config, p, t, dtype=jnp.dtype(dtype), rules=rules))
 
     def ids(self, prompt: str, completion: str, info: dict) -> list[int]:

@@ -101,24 +101,25 @@ def policy_logprobs(config: Qwen3Config, params, rows, opts: ForwardOptions, ent
     values elsewhere are 0, and masked out by every user)."""
     f = forward_rows(config, params, rows, opts)
     b, T, D = f.hidden.shape
-    head = output_head(config, params)
-    if not window or window >= T:
-        out = token_logprobs(f.hidden.reshape(b * T, D), head, f.targets.reshape(-1), opts.ce_chunk, entropy=entropy)
-        lp, ent = (out if entropy else (out, None))
-        return lp.reshape(b, T), None if ent is None else ent.reshape(b, T), f.mask, f.aux
-    pos = jnp.argmax(f.mask, axis=1)[:, None] + jnp.arange(window)[None, :]  # [b, W]: the completion's targets
-    inside = pos < T
-    pos = jnp.minimum(pos, T - 1)
-    h = jnp.take_along_axis(f.hidden, pos[..., None], axis=1).reshape(b * window, D)
-    out = token_logprobs(h, head, jnp.take_along_axis(f.targets, pos, axis=1).reshape(-1), opts.ce_chunk,
+    if window and window < T:
+        pos = jnp.argmax(f.mask, axis=1)[:, None] + jnp.arange(window)[None, :]  # [b, W]: the completion's targets
+        inside = pos < T
+        pos = jnp.minimum(pos, T - 1)
+        h, targets = jnp.take_along_axis(f.hidden, pos[..., None], axis=1), jnp.take_along_axis(f.targets, pos, axis=1)
+
+        def place(x):  # [b * W] -> [b, T]; a clipped duplicate of position T - 1 adds 0
+            x = jnp.where(inside, x.reshape(b, window), 0)
+            return jnp.zeros((b, T), x.dtype).at[jnp.arange(b)[:, None], pos].add(x)
+    else:
+        h, targets = f.hidden, f.targets
+
+        def place(x):
+            return x.reshape(b, T)
+
+    out = token_logprobs(h.reshape(-1, D), output_head(config, params), targets.reshape(-1), opts.ce_chunk,
                          entropy=entropy)
-    rows_b = jnp.arange(b)[:, None]
-
-    def back(x):  # [b * W] -> [b, T]; a clipped duplicate of position T - 1 adds 0
-        return jnp.zeros((b, T), x.dtype).at[rows_b, pos].add(jnp.where(inside, x.reshape(b, window), 0))
-
-    lp, ent = (out if entropy else (out, None))
-    return back(lp), None if ent is None else back(ent), f.mask, f.aux
+    lp, ent = out if entropy else (out, None)
+    return place(lp), None if ent is None else place(ent), f.mask, f.aux
 
 
 class GRPOTask:

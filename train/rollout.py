@@ -17,6 +17,7 @@ yields (batch, data state after it) forever, where `current()` returns the train
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Callable
@@ -132,26 +133,29 @@ class RolloutSource:
             raise ValueError(f"batch_size {batch_size} != prompts_per_step x group_size = {P * self.G}")
         mu, state = self.rc.inner_steps, dict(state or {})
         inner, number = state.pop("inner", 0), state.pop("rollout", None)
-        if inner:  # resumed between two inner steps of a rollout: its batch is on disk
-            batch = self._load(number)
-            for j in range(inner, mu):
+
+        def groups():  # (rollout batch, its number, data state after it, first inner step to take)
+            if inner:  # resumed between two inner steps of a rollout: its batch is on disk
+                yield self._load(number), number, state, inner
+            for chosen, step, nxt in shuffled_batches(len(self.prompts), P, seed, state or None):
+                batch = self.rollout(current(), [int(i) for i in chosen], seed, step)
+                if mu > 1:
+                    self._save(step, batch)
+                yield batch, step, nxt, 0
+
+        for batch, number, nxt, first in groups():
+            for j in range(first, mu):
                 self.last_metrics = {**self.last_metrics, "inner_step": j}
-                yield batch, {**state, "inner": (j + 1) % mu, "rollout": number}
-        for chosen, step, nxt in shuffled_batches(len(self.prompts), P, seed, state or None):
-            batch = self.rollout(current(), [int(i) for i in chosen], seed, step)
-            if mu > 1:
-                self._save(step, batch)
-            for j in range(mu):
-                self.last_metrics = {**self.last_metrics, "inner_step": j}
-                yield batch, {**nxt, "inner": (j + 1) % mu, "rollout": step}
+                yield batch, {**nxt, "inner": (j + 1) % mu, "rollout": number}
 
     def _save(self, number: int, batch: dict) -> None:
-        """Keep a rollout batch (and the one before) for a resume between its inner steps; atomic."""
+        """Keep a rollout batch and its metrics (and the one before) for a resume between its inner steps;
+        atomic."""
         if jax.process_index() != 0:
             return
         os.makedirs(self.saved, exist_ok=True)
         tmp = os.path.join(self.saved, f"{number}.incomplete.npz")
-        np.savez(tmp, **batch)
+        np.savez(tmp, **batch, _metrics=np.asarray(json.dumps(self.last_metrics)))
         os.replace(tmp, os.path.join(self.saved, f"{number}.npz"))
         for name in os.listdir(self.saved):
             stem = name.removesuffix(".npz")
@@ -159,12 +163,15 @@ class RolloutSource:
                 os.remove(os.path.join(self.saved, name))
 
     def _load(self, number: int) -> dict:
+        """A kept rollout batch; its metrics become last_metrics again."""
         path = os.path.join(self.saved or "", f"{number}.npz")
         if not os.path.exists(path):
             raise DataError(f"cannot resume between the inner steps of rollout {number}: {path} is missing "
                             f"(only the last two rollouts are kept)")
         with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+            batch = {k: f[k] for k in f.files}
+        self.last_metrics = json.loads(str(batch.pop("_metrics")))
+        return batch
 
     def sampling(self, seed: int, step: int | None, prompt_index: int) -> SamplingParams:
         """G samples of one prompt; the request's seed comes from (run seed, step, prompt index), or for
