@@ -427,3 +427,32 @@ def test_a_rollout_batch_is_kept_for_a_resume_between_inner_steps(tmp_path):
     assert got.keys() == batch.keys() and all(np.array_equal(got[k], batch[k]) for k in batch)
     with pytest.raises(DataError, match="cannot resume between the inner steps of rollout 3: .*3.npz is missing"):
         next(source.batches(4, 0, {"epoch": 0, "index": 1, "inner": 1, "rollout": 3}, current=lambda: None))
+
+
+def test_prompts_file_takes_raw_text_and_chat_messages(tmp_path):
+    """{"prompt"} is used as is; {"messages"} goes through the checkpoint's chat template with its generation
+    prompt and the thinking switch; other fields (and the messages) reach the rewards; a prompt longer than
+    --max-prompt-len is skipped with its line number."""
+    import json
+
+    from qwen_jax.assets import DEFAULT_MODEL
+    from train.rollout import read_prompts
+
+    tok = qwen_jax.load_tokenizer(DEFAULT_MODEL)
+    msgs = [{"role": "user", "content": "Speak, ROMEO."}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(o) for o in ({"prompt": "JULIET.\n", "answer": 3},
+                                                       {"messages": msgs, "answer": "4"},
+                                                       {"prompt": "ROMEO. " * 200})) + "\n")
+    got = {}
+    for thinking in (True, False):
+        prompts, bad, n = read_prompts(str(path), tok, 64, enable_thinking=thinking)
+        assert n == 3 and [p.where for p in prompts] == [f"{path}:1", f"{path}:2"]
+        assert [line for line, _ in bad.items] == [3] and "more than --max-prompt-len 64" in bad.items[0][1]
+        raw, chat = prompts
+        assert raw.text == "JULIET.\n" and raw.info == {"answer": 3} and list(raw.ids) == tok.encode("JULIET.\n")
+        assert chat.text == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                    enable_thinking=thinking)
+        assert chat.info == {"messages": msgs, "answer": "4"} and list(chat.ids) == tok.encode(chat.text)
+        got[thinking] = chat.text
+    assert got[True] != got[False]  # the switch reaches the template
