@@ -16,6 +16,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=1024)
     g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--decode-steps", type=int, default=8,
+                   help="decode steps run on device per host round trip (1: one at a time)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
     g.add_argument("--kv-cache-memory-fraction", type=float, default=0.9, help="GPU: share of free memory for KV")
     g.add_argument("--kv-cache-gb", type=float, default=1.0, help="CPU: KV pool budget in GiB")
@@ -24,15 +26,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (default: $QWEN_JAX_CACHE_DIR or ~/.cache/qwen-jax/xla)")
     g.add_argument("--no-compilation-cache", action="store_true", help="do not cache compiled programs on disk")
+    g.add_argument("--warmup", type=int, nargs="?", const=2048, default=None, metavar="TOKENS",
+                   help="compile at start-up the programs sequences of up to TOKENS (default 2048, at most "
+                        "--max-model-len) meet, so no request waits for a compilation")
 
 
 def check_engine_args(args) -> None:
     """Range-check the engine flags (before any file is written or model loaded)."""
     from qwen_jax.errors import require
 
-    for flag in ("tensor_parallel", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+    for flag in ("tensor_parallel", "max_num_seqs", "max_num_batched_tokens", "block_size", "decode_steps"):
         value = getattr(args, flag)
         require(value >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    require(args.warmup is None or args.warmup >= 2, f"--warmup must be >= 2 tokens, got {args.warmup}")
     require(args.max_model_len is None or args.max_model_len >= 2,
             f"--max-model-len must be >= 2, got {args.max_model_len}")
     require(args.num_kv_blocks is None or args.num_kv_blocks >= 1,
@@ -61,5 +67,5 @@ def build_llm(args, **extra):
                max_model_len=args.max_model_len, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                num_kv_blocks=args.num_kv_blocks, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
-               attn_impl=args.attn_impl,
+               attn_impl=args.attn_impl, decode_steps=args.decode_steps, warmup=args.warmup or False,
                compilation_cache=False if args.no_compilation_cache else (args.compilation_cache or True), **extra)

@@ -129,7 +129,11 @@ class BlockManager:
 
     def append_slot(self, seq: Sequence) -> None:
         """Make sure the block for position len - 1 exists."""
-        if len(seq.block_table) < self.blocks_needed(len(seq)):
+        self.reserve(seq, len(seq))
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> None:
+        """Make sure seq has blocks for positions 0 .. num_tokens - 1 (a multi-step decode window's)."""
+        while len(seq.block_table) < self.blocks_needed(num_tokens):
             seq.block_table.append(self._new_block().id)
 
     def commit(self, seq: Sequence) -> None:

@@ -164,7 +164,11 @@ class Engine:
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                  num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9,
                  kv_cache_gb: float = 1.0, dtype=None, attn_impl: str = "auto", seed: int = 0,
-                 max_waiting: int | None = None, record_routes: bool = False):
+                 max_waiting: int | None = None, record_routes: bool = False, decode_steps: int = 8,
+                 warmup: int | None = None):
+        """`warmup`: compile, before serving, the programs sequences of up to that many tokens meet (every row
+        and table-width bucket of greedy and sampling decode windows, and one prompt chunk per token bucket),
+        with a progress bar; the persistent compilation cache makes later starts load them instead."""
         require_causal_lm(config)
         self.config, self.tokenizer, self.max_model_len = config, tokenizer, max_model_len
         eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
@@ -172,11 +176,13 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self.runner = ModelRunner(config, params, rules, block_size, max_num_seqs, max_model_len,
                                   max_num_batched_tokens, dtype, attn_impl, num_kv_blocks, kv_cache_memory_fraction,
-                                  kv_cache_gb, record_routes)
+                                  kv_cache_gb, record_routes, decode_steps)
         self.scheduler = Scheduler(self.runner.num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
                                    max_model_len, self.eos_ids)
         if self.runner.record_routes:
             self.scheduler.on_finish = self.runner.collect_routes
+        if warmup:
+            self._warmup(min(warmup, max_model_len))
         self.max_waiting = max_waiting
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()  # guards _rng, the id counter and the counters below
@@ -191,6 +197,16 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="infer-engine", daemon=True)
         self._thread.start()
 
+    def _warmup(self, max_len: int) -> None:
+        from tqdm.auto import tqdm
+
+        shapes = self.runner.warmup_shapes(max_len)
+        t = time.perf_counter()
+        for shape in tqdm(shapes, desc=f"warmup (sequences up to {max_len} tokens)", unit="program",
+                          dynamic_ncols=True):
+            self.runner.compile_shape(*shape)
+        log.info("warmup: %d programs in %.1f s", len(shapes), time.perf_counter() - t)
+
     # ------------------------------------------------------------------ client side (any thread)
     def add_request(self, prompt, params: SamplingParams | None = None, *, stream: bool = False,
                     request_id: str | None = None, notify: queue.SimpleQueue | None = None,
@@ -199,6 +215,32 @@ class Engine:
         yields StreamDeltas. `notify`, if given, receives the request id when the request ends. `sink`, if
         given, receives every delta and the final output instead of the stream's own queue (called from the
         engine thread: the asyncio server passes loop.call_soon_threadsafe)."""
+        req = self._build(prompt, params, stream, request_id, notify, index, sink)
+        self._commands.put(("add", [req]))
+        return req.stream
+
+    def add_requests(self, prompts, params: list[SamplingParams], *, notify: queue.SimpleQueue | None = None
+                     ) -> list[RequestStream | RequestError]:
+        """Queue many requests at once (the loop takes them together, so its first step sees them all): request
+        i gets index i. -> per prompt its stream, or the RequestError that rejected it alone; EngineBusy and
+        EngineStopped concern the whole call and are raised (nothing is queued then)."""
+        items: list[_Request | RequestError] = []
+        try:
+            for i, (prompt, sp) in enumerate(zip(prompts, params)):
+                try:
+                    items.append(self._build(prompt, sp, False, None, notify, i, None))
+                except RequestError as e:
+                    if type(e) is not RequestError:
+                        raise
+                    items.append(e)
+        except RequestError:
+            with self._lock:
+                self._pending -= sum(isinstance(x, _Request) for x in items)
+            raise
+        self._commands.put(("add", [x for x in items if isinstance(x, _Request)]))
+        return [x.stream if isinstance(x, _Request) else x for x in items]
+
+    def _build(self, prompt, params, stream, request_id, notify, index, sink) -> "_Request":
         params = (params or SamplingParams()).validate()
         if not self._accepting or self.error:
             raise EngineStopped(self.error or "the engine is shutting down")
@@ -216,9 +258,7 @@ class Engine:
         first = Sequence(ids, params, seeds[0], max_tokens, rid, 0)
         seqs = [first] + [Sequence(ids, params, s, max_tokens, rid, i, parent=first) for i, s in enumerate(seeds[1:], 1)]
         detoks = [Detokenizer(self.tokenizer, params.stop) for _ in seqs]
-        out = RequestStream(self, rid, sink)
-        self._commands.put(("add", _Request(rid, prompt, ids, params, seqs, detoks, out, stream, notify, index)))
-        return out
+        return _Request(rid, prompt, ids, params, seqs, detoks, RequestStream(self, rid, sink), stream, notify, index)
 
     def abort_request(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -313,10 +353,11 @@ class Engine:
         while True:
             kind, arg = cmd
             if kind == "add":
-                self._requests[arg.id] = arg
-                for seq in arg.seqs:
-                    self.scheduler.add(seq)
-                self.counters["prompt_tokens"] += len(arg.prompt_ids)
+                for req in arg:
+                    self._requests[req.id] = req
+                    for seq in req.seqs:
+                        self.scheduler.add(seq)
+                    self.counters["prompt_tokens"] += len(req.prompt_ids)
             elif kind == "abort" and arg in self._requests:
                 self._end(self._requests[arg], "abort")
             elif kind == "params":
@@ -330,12 +371,32 @@ class Engine:
 
     def _step(self) -> None:
         batch = self.scheduler.schedule()
-        tokens, chosen, top_ids, top_lp, valid = self.runner.run(batch)
+        budgets = self.scheduler.plan_window(batch, self.runner.decode_steps)
+        if budgets is None:
+            self._apply(batch, *self.runner.run(batch))
+            return
+        seqs = [seq for seq, _ in batch]
+        stops = [tuple(sorted(set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)))
+                 for s in seqs]
+        tokens, chosen, top_ids, top_lp, valid = self.runner.decode(seqs, budgets, stops)
+        token_list, valid_list = tokens.tolist(), valid.tolist()
+        live = range(len(seqs))  # rows still generating (a row the device stopped never comes back)
+        for i in range(len(token_list)):  # each step of the window, as if it had run alone
+            ok, toks = valid_list[i], token_list[i]
+            rows = [r for r in live if ok[r]]
+            if not rows:
+                break
+            self._apply([(seqs[r], 1) for r in rows], [toks[r] for r in rows], chosen[i, rows], top_ids[i, rows],
+                        top_lp[i, rows], [True] * len(rows))
+            live = [r for r in rows if not seqs[r].finished]
+
+    def _apply(self, batch, tokens, chosen, top_ids, top_lp, valid) -> None:
+        """A step's results: append the sampled tokens, then detokenize, check stop strings and deliver."""
         rows = {seq.id: r for r, (seq, _) in enumerate(batch)}
         sampled = self.scheduler.postprocess(batch, tokens, valid)
         self.counters["steps"] += 1
         self.counters["generation_tokens"] += len(sampled)
-        touched: dict[str, _Request] = {}
+        ended: dict[str, _Request] = {}  # requests with a sample that finished in this step
         for seq in sampled:
             req = self._requests[seq.request_id]
             r, token = rows[seq.id], seq.output_ids[-1]
@@ -346,19 +407,22 @@ class Engine:
                 lp.update((int(t), float(v)) for t, v in zip(top_ids[r][:n], top_lp[r][:n]) if int(t) != token)
                 seq.logprobs.append(lp)
             det = req.detoks[seq.index]
-            if seq.finished and seq.finish_reason == "stop" and token not in self.eos_ids:
+            finished = seq.finished
+            if finished and seq.finish_reason == "stop" and token not in self.eos_ids:
                 req.stop_reasons[seq.index] = token
             if req.streaming or seq.params.stop:
                 det.add(seq.output_ids)
-                if det.stopped and not seq.finished:
+                if det.stopped and not finished:
                     self.scheduler.finish(seq, "stop")
                     req.stop_reasons[seq.index] = det.stop_hit
+                    finished = True
             if req.streaming:
-                text = det.finish(seq.output_ids) if seq.finished else det.release()
+                text = det.finish(seq.output_ids) if finished else det.release()
                 self._deliver(req, StreamDelta(seq.index, text, [token], [lp] if lp is not None else None,
                                                seq.finish_reason))
-            touched[req.id] = req
-        for req in touched.values():
+            if finished:
+                ended[req.id] = req
+        for req in ended.values():
             if all(s.finished for s in req.seqs):
                 self._end(req)
 

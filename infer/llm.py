@@ -27,9 +27,13 @@ class LLM:
                  tensor_parallel: int = 1, max_model_len: int | None = None, kv_cache_memory_fraction: float = 0.9,
                  num_kv_blocks: int | None = None, kv_cache_gb: float = 1.0, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, dtype: str | None = None, seed: int = 0,
-                 attn_impl: str = "auto", max_waiting: int | None = None, compilation_cache: str | bool = True):
+                 attn_impl: str = "auto", max_waiting: int | None = None, compilation_cache: str | bool = True,
+                 decode_steps: int = 8, warmup: int | bool = False):
         """`compilation_cache`: JAX's persistent compilation cache (qwen_jax.compilation_cache): True for the
-        default directory, a path, or False to leave JAX's configuration alone."""
+        default directory, a path, or False to leave JAX's configuration alone. `decode_steps`: the longest
+        multi-step decode window (decode steps run on device per host round trip; 1 turns it off).
+        `warmup`: compile at start-up, with a progress bar, the programs that sequences of up to that many
+        tokens meet (True: min(max_model_len, 2048)), so no request waits for a compilation."""
         from qwen_jax import compilation_cache as cc
         from qwen_jax.assets import DEFAULT_MODEL
 
@@ -40,8 +44,8 @@ class LLM:
                 f"tensor_parallel={tensor_parallel} but {jax.device_count()} device(s) are available")
         require(0 < kv_cache_memory_fraction <= 1,
                 f"kv_cache_memory_fraction must be in (0, 1], got {kv_cache_memory_fraction}")
-        require(block_size >= 1 and max_num_seqs >= 1 and max_num_batched_tokens >= 1,
-                "block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        require(block_size >= 1 and max_num_seqs >= 1 and max_num_batched_tokens >= 1 and decode_steps >= 1,
+                "block_size, max_num_seqs, max_num_batched_tokens and decode_steps must be >= 1")
         mesh = qwen_jax.make_mesh(f"tensor={tensor_parallel}", devices=jax.devices()[:tensor_parallel])
         rules = qwen_jax.ShardingRules(mesh)
         on_cpu = jax.default_backend() == "cpu"
@@ -58,7 +62,8 @@ class LLM:
                              max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                              kv_cache_memory_fraction=kv_cache_memory_fraction, kv_cache_gb=kv_cache_gb,
                              dtype=jnp.dtype(dtype) if dtype else params["embed"].dtype, attn_impl=attn_impl,
-                             seed=seed, max_waiting=max_waiting)
+                             seed=seed, max_waiting=max_waiting, decode_steps=decode_steps,
+                             warmup=min(self.max_model_len, 2048) if warmup is True else (warmup or None))
         self.num_blocks = self.engine.runner.num_blocks
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
 
@@ -102,15 +107,13 @@ class LLM:
         outputs: dict[int, RequestOutput] = {}
         streams = []
         try:
-            for i, (prompt, sp) in enumerate(zip(prompts, params)):
-                try:
-                    streams.append(self.engine.add_request(prompt, sp, notify=done, index=i))
-                except RequestError as e:
-                    if type(e) is not RequestError:  # EngineBusy / EngineStopped concern the whole call
-                        raise
+            for i, (prompt, item) in enumerate(zip(prompts, self.engine.add_requests(prompts, params, notify=done))):
+                if isinstance(item, RequestError):
                     ids = list(prompt) if not isinstance(prompt, str) else []
                     outputs[i] = RequestOutput(f"invalid-{i}", prompt if isinstance(prompt, str) else None, ids,
-                                               [CompletionOutput(0, "", [], "error")], error=str(e), index=i)
+                                               [CompletionOutput(0, "", [], "error")], error=str(item), index=i)
+                else:
+                    streams.append(item)
             bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm or None,
                        dynamic_ncols=True)
             bar.update(len(outputs))

@@ -10,6 +10,14 @@ sequence's back through its block table before its blocks are freed.
 Shapes are bucketed to powers of two (rows, tokens per row, block-table width), so after the first few
 steps decoding never recompiles. Rows are right-aligned: each row's new tokens end in the last column
 (padding goes in front with cache slot -1), so the last column holds every row's last token.
+
+Decoding runs in multi-step windows (`decode`): one jitted call runs up to `decode_steps` steps in a
+`lax.while_loop`, feeding each sampled token back on device, stopping a row at its stop tokens or token
+budget, and is read back once. Each step is the same computation as a one-step call (same sampler key,
+same penalty counts), so the tokens are identical to stepping one at a time.
+
+The sampler has a greedy fast path (`fast`, static): when no row samples, uses penalties or asks for
+logprobs, a step is a plain argmax and the penalty state is left untouched.
 """
 
 from __future__ import annotations
@@ -31,11 +39,25 @@ from qwen_jax.sharding import ShardingRules
 from kernels.util import cdiv
 
 CACHE_AXES = ("layers", "cache_blocks", None, "cache_kv_heads", "head_dim")
+# Decode windows pad to at least this many rows: a decode step reads every weight whatever the batch, so 8
+# rows cost about what 1 does, and the row buckets 1, 2 and 4 would each compile another program.
+MIN_DECODE_ROWS = 8
+# Prefill rows pad to at least this many tokens (short chunks cost little; each token bucket is a program).
+MIN_PREFILL_TOKENS = 16
 
 
 def bucket(n: int, cap: int | None = None) -> int:
     b = 1 << max(0, (n - 1).bit_length())
     return b if cap is None else min(b, cap)
+
+
+def row_bucket(n: int, cap: int) -> int:
+    """Decode rows: two buckets per power of two (8, 12, 16, 24, 32, 48, ...), so a shrinking batch pads at
+    most a third instead of a half: decode is compute-bound on small devices, and padding rows cost."""
+    b = bucket(n)
+    if b >= 8 and n <= b * 3 // 4:
+        b = b * 3 // 4
+    return min(b, cap)
 
 
 def device_memory_stats() -> dict | None:
@@ -51,16 +73,19 @@ class ModelRunner:
     def __init__(self, config: Qwen3Config, params, rules: ShardingRules, block_size: int, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, dtype, attn_impl: str = "auto",
                  num_blocks: int | None = None, memory_fraction: float = 0.9, kv_cache_gb: float = 1.0,
-                 record_routes: bool = False):
+                 record_routes: bool = False, decode_steps: int = 8):
         self.config, self.params, self.rules = config, params, rules
+        self.decode_steps = decode_steps  # the longest multi-step decode window
         self.record_routes = record_routes and config.is_moe
         self.routes_pool: np.ndarray | None = None  # [num_blocks * block_size, L_moe, k] expert ids
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.max_blocks = cdiv(max_model_len, block_size)
         self.dtype = jnp.dtype(dtype)
         self.attn_impl = attn_impl
-        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2), static_argnames=("top_logprobs",))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2), static_argnames=("fast",))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2), static_argnames=("fast",))
         self._reset_slot = jax.jit(self._reset_slot_impl, donate_argnums=(0,))
         self._init_penalty()
         if num_blocks is None:
@@ -129,58 +154,194 @@ class ModelRunner:
                                         jnp.int32(len(seq.prompt_ids)))
 
     # ------------------------------------------------------------------ the step
-    def _step_impl(self, params, cache, penalty, ids, positions, slots, block_tables, lengths, rows, valid, rp,
-                   top_logprobs):
-        meta = AttentionMeta(slots, block_tables, lengths)
+    def _logits(self, params, cache, ids, positions, meta):
+        """-> (logits at each row's last token [B, V] float32, updated cache, routes [L_moe, B, T, k] or None)."""
         out = qwen_jax.forward(self.config, params, ids, positions=positions, cache=cache, meta=meta,
                                dtype=self.dtype, rules=self.rules, attn_impl=self.attn_impl, return_hidden=True)
         head = output_head(self.config, params).astype(self.dtype)
         logits = jnp.einsum("BD,DV->BV", out.hidden[:, -1], head, preferred_element_type=jnp.float32)
-        tokens, chosen, top_ids, top_lp = sampling.sample(logits, rp, penalty["counts"][rows], penalty["seen"][rows],
-                                                          top_logprobs)
+        routes = out.routes.astype(jnp.int16) if self.record_routes else None
+        return logits, out.cache, routes
+
+    @staticmethod
+    def _sample(logits_BV, penalty, rows, valid, rp, fast):
+        """-> (tokens, chosen logprobs, top ids, top logprobs, penalty); `fast`: argmax only, state untouched."""
+        B = logits_BV.shape[0]
+        if fast:
+            empty = jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), jnp.zeros((B,), jnp.float32), *empty, penalty
+        tokens, chosen, top_ids, top_lp = sampling.sample(logits_BV, rp, penalty["counts"][rows],
+                                                          penalty["seen"][rows])
         counts = penalty["counts"].at[rows, tokens].add(valid.astype(jnp.int32))
-        routes = out.routes.astype(jnp.int16) if self.record_routes else None  # [L_moe, B, T, k]
-        return out.cache, {"counts": counts, "seen": penalty["seen"]}, tokens, chosen, top_ids, top_lp, routes
+        return tokens, chosen, top_ids, top_lp, {"counts": counts, "seen": penalty["seen"]}
+
+    def _step_impl(self, params, cache, penalty, ids, positions, slots, block_tables, lengths, rows, valid, rp,
+                   fast):
+        logits, cache, routes = self._logits(params, cache, ids, positions, AttentionMeta(slots, block_tables, lengths))
+        tokens, chosen, top_ids, top_lp, penalty = self._sample(logits, penalty, rows, valid, rp, fast)
+        return cache, penalty, tokens, chosen, top_ids, top_lp, routes
+
+    def _decode_impl(self, params, cache, penalty, tokens_B, positions_B, tables_BW, rows, budget_B, stop_BS,
+                     n_steps, rp, fast):
+        """Up to n_steps decode steps: row b feeds tokens_B[b] at positions_B[b], samples, feeds the sample back,
+        and stops after budget_B[b] tokens or at a token in stop_BS[b] (-1 = none). -> (cache, penalty, out)
+        with out[name] [K, B, ...] per step and out["valid"][i, b]: row b produced a token at step i."""
+        K, bs = self.decode_steps, self.block_size
+        B, W = tables_BW.shape
+        top_logprobs = 0 if fast else min(sampling.MAX_LOGPROBS, self.config.vocab_size)
+        out = {"tokens": jnp.zeros((K, B), jnp.int32), "chosen": jnp.zeros((K, B), jnp.float32),
+               "top_ids": jnp.zeros((K, B, top_logprobs), jnp.int32),
+               "top_lp": jnp.zeros((K, B, top_logprobs), jnp.float32), "valid": jnp.zeros((K, B), bool)}
+        if self.record_routes:
+            n_moe = sum(self.config.is_moe_layer(i) for i in range(self.config.num_layers))
+            out["routes"] = jnp.zeros((K, n_moe, B, self.config.num_experts_per_tok), jnp.int16)
+
+        def body(carry):
+            i, cache, penalty, tok_B, active_B, out = carry
+            pos_B = positions_B + i
+            page_B = jnp.take_along_axis(tables_BW, jnp.minimum(pos_B // bs, W - 1)[:, None], axis=1)[:, 0]
+            slot_B = jnp.where(active_B, page_B * bs + pos_B % bs, -1)
+            meta = AttentionMeta(slot_B[:, None], tables_BW, jnp.minimum(pos_B + 1, W * bs))
+            logits, cache, routes = self._logits(params, cache, tok_B[:, None], pos_B[:, None], meta)
+            step_rp = {**rp, "generated": rp["generated"] + i}
+            new_B, chosen, top_ids, top_lp, penalty = self._sample(logits, penalty, rows, active_B, step_rp, fast)
+            new_B = jnp.where(active_B, new_B, tok_B)
+            step = {"tokens": new_B, "chosen": chosen, "top_ids": top_ids, "top_lp": top_lp, "valid": active_B}
+            if routes is not None:
+                step["routes"] = routes[:, :, 0]
+            out = {k: v.at[i].set(step[k]) for k, v in out.items()}
+            stop = (i + 1 >= budget_B) | jnp.any(new_B[:, None] == stop_BS, axis=1)
+            return i + 1, cache, penalty, new_B, active_B & ~stop, out
+
+        def cond(carry):
+            return (carry[0] < n_steps) & jnp.any(carry[4])
+
+        init = (jnp.int32(0), cache, penalty, tokens_B, budget_B > 0, out)
+        _, cache, penalty, _, _, out = jax.lax.while_loop(cond, body, init)
+        return cache, penalty, out
+
+    def _prepare_rows(self, batch: list[Sequence], B: int) -> np.ndarray:
+        """Claim penalty rows for the batch's penalised sequences -> the penalty row of each of B rows."""
+        rows = np.zeros(B, np.int32)
+        for r, seq in enumerate(batch):
+            rows[r] = max(seq.slot, 0)
+            if seq.slot >= 0 and seq.params.uses_penalties:
+                self._claim_slot(seq)
+        return rows
+
+    def decode_rows(self, n: int) -> int:
+        return row_bucket(max(n, MIN_DECODE_ROWS), self.max_num_seqs)
+
+    @staticmethod
+    def _fast(seqs: list[Sequence]) -> bool:
+        """Whether the greedy fast path serves every row (no sampling, penalties or logprobs)."""
+        return all(s.params.temperature == 0 and not s.params.uses_penalties and s.params.logprobs is None
+                   for s in seqs)
+
+    def _table_array(self, seqs: list[Sequence], B: int) -> np.ndarray:
+        W = bucket(max(len(s.block_table) for s in seqs), self.max_blocks)
+        tables = np.zeros((B, W), np.int32)
+        for r, seq in enumerate(seqs):
+            tables[r, :len(seq.block_table)] = seq.block_table
+        return tables
 
     def run(self, batch: list[tuple[Sequence, int]]):
         """One step for [(seq, new tokens)] -> (tokens, chosen logprobs, top ids, top logprobs, valid) as numpy;
         `valid[r]`: row r reached its sequence's end, so its sample is a new token."""
         n = len(batch)
+        seqs = [s for s, _ in batch]
         B = bucket(n, self.max_num_seqs)
-        T = bucket(max(k for _, k in batch))
-        W = bucket(max(len(s.block_table) for s, _ in batch), self.max_blocks)
+        rows = self._prepare_rows(seqs, B)
+        T = bucket(max(max(k for _, k in batch), MIN_PREFILL_TOKENS))
+        tables = self._table_array(seqs, B)
         bs = self.block_size
         ids = np.zeros((B, T), np.int32)
         positions = np.zeros((B, T), np.int32)
         slots = np.full((B, T), -1, np.int32)
-        tables = np.zeros((B, W), np.int32)
         lengths = np.zeros(B, np.int32)
-        rows = np.zeros(B, np.int32)
         valid = np.zeros(B, bool)
         for r, (seq, k) in enumerate(batch):
             start = seq.num_computed
             pos = np.arange(start, start + k)
-            table = np.asarray(seq.block_table, np.int32)
             ids[r, T - k:] = seq.tokens(start, start + k)
             positions[r, T - k:] = pos
-            slots[r, T - k:] = table[pos // bs] * bs + pos % bs
-            tables[r, :len(table)] = table
+            slots[r, T - k:] = tables[r, pos // bs] * bs + pos % bs
             lengths[r] = start + k
-            rows[r] = max(seq.slot, 0)
             valid[r] = start + k == len(seq)  # this step reaches the end: its sample is kept
-            if seq.slot >= 0 and seq.params.uses_penalties:
-                self._claim_slot(seq)
-        rp = sampling.row_params([s.params for s, _ in batch], [s.seed for s, _ in batch],
-                                 [len(s.output_ids) for s, _ in batch], B)
-        top = sampling.MAX_LOGPROBS if any((s.params.logprobs or 0) > 0 for s, _ in batch) else 0
+        rp = sampling.row_params([s.params for s in seqs], [s.seed for s in seqs],
+                                 [len(s.output_ids) for s in seqs], B)
         self.cache, self.penalty, tokens, chosen, top_ids, top_lp, routes = self._step(
             self.params, self.cache, self.penalty, ids, positions, slots, tables, lengths, rows, valid,
-            rp, top_logprobs=top)
+            rp, fast=False)  # a prefill's sampling is a small part of it: one program serves every request
         tokens, chosen, top_ids, top_lp, routes = jax.device_get((tokens, chosen, top_ids, top_lp, routes))
         if routes is not None and self.routes_pool is not None:
             filled = slots >= 0
             self.routes_pool[slots[filled]] = np.moveaxis(routes, 0, 2)[filled]  # [tokens, L_moe, k]
         return tokens[:n], chosen[:n], top_ids[:n], top_lp[:n], valid[:n]
+
+    def decode(self, seqs: list[Sequence], budgets: list[int], stop_ids: list[tuple[int, ...]]):
+        """A multi-step decode window: each sequence (its last token not yet computed, blocks reserved for
+        `budgets[r]` more tokens) takes up to budgets[r] tokens, stopping early at one of stop_ids[r].
+        -> (tokens, chosen logprobs, top ids, top logprobs, valid), numpy, each [steps run, n, ...]."""
+        n = len(seqs)
+        B = self.decode_rows(n)
+        rows = self._prepare_rows(seqs, B)
+        tables = self._table_array(seqs, B)
+        tokens = np.zeros(B, np.int32)
+        positions = np.zeros(B, np.int32)
+        budget = np.zeros(B, np.int32)
+        S = bucket(max(4, max(map(len, stop_ids))))
+        stops = np.full((B, S), -1, np.int32)
+        for r, seq in enumerate(seqs):
+            positions[r] = len(seq) - 1
+            tokens[r] = seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]
+            stops[r, :len(stop_ids[r])] = stop_ids[r]
+        budget[:n] = budgets
+        rp = sampling.row_params([s.params for s in seqs], [s.seed for s in seqs],
+                                 [len(s.output_ids) for s in seqs], B)
+        self.cache, self.penalty, out = self._decode(
+            self.params, self.cache, self.penalty, tokens, positions, tables, rows, budget, stops,
+            np.int32(max(budgets)), rp, fast=self._fast(seqs))
+        out = jax.device_get(out)
+        steps = int(out["valid"].any(axis=1).sum())
+        if self.routes_pool is not None:
+            bs = self.block_size
+            for i in range(steps):
+                r_ok = np.flatnonzero(out["valid"][i])
+                pos = positions[r_ok] + i
+                slot = tables[r_ok, pos // bs] * bs + pos % bs
+                self.routes_pool[slot] = np.moveaxis(out["routes"][i][:, r_ok], 1, 0)  # [rows, L_moe, k]
+        return tuple(out[k][:steps, :n] for k in ("tokens", "chosen", "top_ids", "top_lp", "valid"))
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup_shapes(self, max_len: int) -> list[tuple[str, int, int]]:
+        """The programs sequences up to `max_len` tokens meet, as (kind, rows, tokens or table width):
+        ("decode", B, W) for greedy and for sampling windows at every row and table-width bucket, and
+        ("prefill", 1, T) for one prompt chunk at every token bucket."""
+        bs = self.block_size
+        rows = sorted({self.decode_rows(n) for n in range(1, self.max_num_seqs + 1)})
+        widths = sorted({bucket(w, self.max_blocks) for w in range(1, cdiv(max_len, bs) + 1)})
+        chunks = sorted({bucket(max(t, MIN_PREFILL_TOKENS)) for t in range(1, min(self.max_num_batched_tokens,
+                                                                                   max_len - 1) + 1)})
+        return ([("decode-greedy", b, w) for b in rows for w in widths]
+                + [("decode", b, w) for b in rows for w in widths] + [("prefill", 1, t) for t in chunks])
+
+    def compile_shape(self, kind: str, rows: int, n: int) -> None:
+        """Compile (and run on padding: no cache slot is written) the program of one warmup_shapes entry."""
+        B = rows
+        rp = sampling.row_params([], [], [], B)
+        zeros = np.zeros(B, np.int32)
+        if kind.startswith("decode"):
+            self.cache, self.penalty, out = self._decode(
+                self.params, self.cache, self.penalty, zeros, zeros, np.zeros((B, n), np.int32), zeros, zeros,
+                np.full((B, 4), -1, np.int32), np.int32(0), rp, fast=kind == "decode-greedy")
+        else:
+            W = bucket(cdiv(n, self.block_size), self.max_blocks)
+            grid = np.zeros((B, n), np.int32)
+            self.cache, self.penalty, *out = self._step(
+                self.params, self.cache, self.penalty, grid, grid, np.full((B, n), -1, np.int32),
+                np.zeros((B, W), np.int32), np.full(B, n, np.int32), zeros, np.zeros(B, bool), rp, fast=False)
+        jax.block_until_ready(out)
 
     def collect_routes(self, seq: Sequence) -> None:
         """seq.routes = the experts of each of its computed positions, [num_computed, L_moe, k] int32 (call

@@ -110,6 +110,7 @@ def row_params(params: list[SamplingParams], seeds: list[int], generated: list[i
         "repetition_penalty": col(lambda p: p.repetition_penalty, np.float32, 1.0),
         "presence_penalty": col(lambda p: p.presence_penalty, np.float32, 0.0),
         "frequency_penalty": col(lambda p: p.frequency_penalty, np.float32, 0.0),
+        "logprobs": col(lambda p: p.logprobs or 0, np.int32, 0),
         "seed": seed_arr,
         "generated": gen,
     }
@@ -150,8 +151,9 @@ def _top_k_top_p_mask(logits, rp):
     return (logits >= kth) & (logits >= p_thresh)
 
 
-def sample(logits_BV, rp, counts_BV, seen_BV, top_logprobs: int):
-    """-> (tokens [B] int32, chosen logprob [B], top ids [B, n], top logprobs [B, n])."""
+def sample(logits_BV, rp, counts_BV, seen_BV):
+    """-> (tokens [B] int32, chosen logprob [B], top ids [B, MAX_LOGPROBS], top logprobs [B, MAX_LOGPROBS]);
+    the top-n lists are computed only when some row asks for them (zeros otherwise)."""
     raw_logprobs = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     logits = jax.lax.cond(jnp.any((rp["repetition_penalty"] != 1) | (rp["presence_penalty"] != 0)
                                   | (rp["frequency_penalty"] != 0)),
@@ -167,9 +169,8 @@ def sample(logits_BV, rp, counts_BV, seen_BV, top_logprobs: int):
 
     tokens = jax.lax.cond(jnp.any(rp["temperature"] > 0), draw, lambda lg: greedy, logits)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    if top_logprobs:
-        top_lp, top_ids = jax.lax.top_k(raw_logprobs, top_logprobs)
-    else:
-        top_lp = jnp.zeros((logits.shape[0], 0), jnp.float32)
-        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    n = min(MAX_LOGPROBS, logits.shape[-1])
+    none = (jnp.zeros((logits.shape[0], n), jnp.float32), jnp.zeros((logits.shape[0], n), jnp.int32))
+    top_lp, top_ids = jax.lax.cond(jnp.any(rp["logprobs"] > 0), lambda lp: tuple(jax.lax.top_k(lp, n)), lambda lp: none,
+                                   raw_logprobs)
     return tokens, chosen, top_ids, top_lp

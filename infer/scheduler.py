@@ -99,6 +99,34 @@ class Scheduler:
         self.running = decode + [s for s in queue if s.status == Status.RUNNING]
         return [(s, 1) for s in decode]
 
+    def left(self, seq: Sequence) -> int:
+        """Tokens seq may still receive (its max_tokens, and the context length)."""
+        return min(seq.max_tokens - len(seq.output_ids), self.max_model_len - len(seq))
+
+    def plan_window(self, batch: list[tuple[Sequence, int]], max_steps: int) -> list[int] | None:
+        """For a decode batch (each row's last token uncomputed), how many tokens each row takes in one
+        multi-step window, with the blocks for them reserved; None: not a decode batch. The window is
+        `max_steps` long, shorter when sequences wait (it then ends when the first running one must finish,
+        so a slot frees up without delay) or when the free blocks cannot hold it (halved until they can)."""
+        if any(k != 1 or seq.num_computed != len(seq) - 1 for seq, k in batch):
+            return None
+        left = [self.left(seq) for seq, _ in batch]
+        n = min(max_steps, max(left))
+        if self.waiting:
+            n = min(n, min(left))
+        bm = self.block_manager
+        while n > 1:
+            extra = sum(max(bm.blocks_needed(len(seq) - 1 + min(n, lf)) - len(seq.block_table), 0)
+                        for (seq, _), lf in zip(batch, left))
+            if extra <= bm.num_free:
+                break
+            n //= 2
+        n = max(n, 1)  # one token each: schedule() has reserved its block
+        budgets = [min(n, lf) for lf in left]
+        for (seq, _), b in zip(batch, budgets):
+            bm.reserve(seq, len(seq) - 1 + b)
+        return budgets
+
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.block_manager.deallocate(seq)
@@ -110,18 +138,21 @@ class Scheduler:
         """Record a step's results: every row's K/V are computed; rows that reached their end (`valid`) get
         their sampled token. -> the sequences that received a token (finished ones are released)."""
         sampled = []
-        for r, (seq, k) in enumerate(batch):
+        bm, bs = self.block_manager, self.block_manager.block_size
+        for r, (seq, k) in enumerate(batch):  # the per-token hot path: checks inlined
             seq.num_computed += k
-            self.block_manager.commit(seq)
+            if (len(seq.hashes) + 1) * bs <= seq.num_computed:
+                bm.commit(seq)
             if not valid[r]:
                 continue
             token = int(tokens[r])
-            seq.output_ids.append(token)
+            out = seq.output_ids
+            out.append(token)
             sampled.append(seq)
             sp = seq.params
             if (token in self.eos_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
                 self.finish(seq, "stop")
-            elif len(seq.output_ids) >= seq.max_tokens or len(seq) >= self.max_model_len:
+            elif len(out) >= seq.max_tokens or len(seq.prompt_ids) + len(out) >= self.max_model_len:  # left() <= 0
                 self.finish(seq, "length")
         return sampled
 

@@ -140,6 +140,84 @@ def test_stop_strings_cut_the_text():
     assert streamed == cut.text
 
 
+def _mixed_requests(rng, vocab: int, n: int):
+    """Prompts and sampling parameters that finish inside a decode window in every way: max_tokens, stop
+    tokens, stop strings; greedy, and seeded sampling with penalties and logprobs; n = 2 samples."""
+    prompts = [rng.integers(10, vocab, int(k)).tolist() for k in rng.integers(2, 30, n)]
+    frequent = list(range(10, vocab // 8))  # an eighth of the vocabulary: a stop within a few tokens
+    kinds = [
+        lambda m: SamplingParams(temperature=0, max_tokens=m),
+        lambda m: SamplingParams(temperature=0.9, top_p=0.9, seed=int(m), max_tokens=m, repetition_penalty=1.3,
+                                 frequency_penalty=0.4, presence_penalty=0.3, logprobs=3),
+        lambda m: SamplingParams(temperature=1.0, seed=int(m), max_tokens=40, stop_token_ids=frequent, logprobs=0),
+        lambda m: SamplingParams(temperature=0.8, top_k=30, seed=int(m), max_tokens=40, stop=["e", "\n"]),
+        lambda m: SamplingParams(temperature=0.7, min_p=0.05, seed=int(m), max_tokens=m, n=2),
+    ]
+    return prompts, [kinds[i % len(kinds)](int(m)) for i, m in enumerate(rng.integers(1, 41, n))]
+
+
+def test_multi_step_decode_gives_the_single_step_outputs(rng):
+    """Windows of up to 8 decode steps on device against one step per host round trip: the same tokens, stop
+    reasons and text, for every way of finishing inside a window, also with a pool so small that sequences
+    are preempted (windows then shrink). Logprobs agree to float32 rounding: the window's program (and its
+    block-table width) differs from a single step's."""
+    prompts, params = _mixed_requests(rng, 4096, 20)
+
+    def run(**kw):
+        llm = LLM(max_model_len=80, max_num_seqs=8, **kw)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.stats()
+        llm.shutdown()
+        return outs, stats
+
+    one, _ = run(decode_steps=1, num_kv_blocks=160)
+    for outs, stats in (run(decode_steps=8, num_kv_blocks=160), run(decode_steps=8, num_kv_blocks=14, block_size=8)):
+        for a, b in zip(outs, one):
+            for x, y in zip(a.outputs, b.outputs):
+                assert (x.token_ids, x.text, x.finish_reason, x.stop_reason) == (y.token_ids, y.text,
+                                                                                 y.finish_reason, y.stop_reason)
+                assert (x.logprobs is None) == (y.logprobs is None)
+                for lx, ly in zip(x.logprobs or (), y.logprobs or ()):
+                    assert list(lx) == list(ly) and np.allclose(list(lx.values()), list(ly.values()), atol=1e-5)
+    assert stats["preemptions"] > 0
+    reasons = {o.finish_reason for out in one for o in out.outputs}
+    assert reasons == {"stop", "length"}, reasons
+
+
+def test_a_fixed_workload_compiles_at_most_eight_programs(dense_dir):
+    """The issue-16 workload (32 greedy requests, prompt and output lengths uniform in [16, 128), all sent at
+    once): 3 prefill and 5 decode programs (decode rows 8, 12, 16, 24, 32). It compiled 10 step programs
+    before decode windows, row and token minimums and one sampler program per prefill; a change that adds
+    shape variants fails here."""
+    _, path = dense_dir
+    rng = np.random.default_rng(0)  # a fixed workload: the count depends on its lengths
+    prompts = _prompts(rng, rng.integers(16, 128, 32).tolist())
+    params = [SamplingParams(temperature=0, max_tokens=int(k), ignore_eos=True) for k in rng.integers(16, 128, 32)]
+    llm = LLM(path, max_model_len=256, max_num_seqs=32, num_kv_blocks=600, compilation_cache=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in params]
+    runner = llm.engine.runner
+    compiled = {"prefill": runner._step._cache_size(), "decode": runner._decode._cache_size()}
+    assert sum(compiled.values()) <= 8, compiled
+
+
+def test_warmup_compiles_every_decode_program_a_workload_meets(dense_dir, rng, capsys):
+    """After LLM(warmup=64), requests of up to 64 tokens (greedy and sampled, any batch) compile no decode
+    program; the warm-up shows a progress bar."""
+    _, path = dense_dir
+    llm = LLM(path, max_model_len=64, max_num_seqs=16, num_kv_blocks=80, warmup=True, compilation_cache=False)
+    assert "warmup (sequences up to 64 tokens)" in capsys.readouterr().err
+    runner = llm.engine.runner
+    decode = runner._decode._cache_size()
+    assert decode == 2 * 3 * 3  # greedy and sampling x rows {8, 12, 16} x table widths {1, 2, 4} blocks of 16
+    for n in (1, 5, 16):
+        prompts = _prompts(rng, rng.integers(1, 30, n).tolist())
+        params = [SamplingParams(temperature=float(rng.choice([0, 1])), seed=i, max_tokens=int(m), ignore_eos=True)
+                  for i, m in enumerate(rng.integers(1, 34, n))]
+        llm.generate(prompts, params, use_tqdm=False)
+    assert runner._decode._cache_size() == decode
+
+
 def test_abandoned_stream_releases_its_blocks(dense_dir):
     _, path = dense_dir
     llm = LLM(path, max_model_len=64, num_kv_blocks=32)
@@ -278,9 +356,10 @@ def test_batch_generation_killed_then_resumed_keeps_its_results(dense_dir, tmp_p
     env["PYTHONPATH"] = REPO
     lines = [{"prompt": f"line {i}: " + "to be " * (i % 5), "max_tokens": 6 + 4 * (i % 4)} for i in range(12)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    # One request at a time, one token per host round trip: slow enough to be cut between results 3 and 12.
     common = [sys.executable, "-m", "infer.generate", "--model", path, "--max-model-len", "64", "--num-kv-blocks",
-              "64", "--max-num-seqs", "2", "--temperature", "0", "--ignore-eos", "--prompts-file",
-              str(tmp_path / "in.jsonl")]
+              "64", "--max-num-seqs", "1", "--decode-steps", "1", "--temperature", "0", "--ignore-eos",
+              "--prompts-file", str(tmp_path / "in.jsonl")]
     whole = subprocess.run(common + ["--output", str(tmp_path / "whole.jsonl")], env=env, cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr
@@ -334,6 +413,7 @@ def test_a_second_process_loads_every_program_from_the_compilation_cache(dense_d
 @pytest.mark.parametrize("flags,words", [
     (["--dtype", "float8"], "--dtype must be"), (["--block-size", "0"], "--block-size must be >= 1"),
     (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"), (["--max-model-len", "0"], "--max-model-len must be"),
+    (["--decode-steps", "0"], "--decode-steps must be >= 1"), (["--warmup", "1"], "--warmup must be >= 2"),
     (["--kv-cache-memory-fraction", "2"], "--kv-cache-memory-fraction"), (["--top-p", "0"], "top_p must be in"),
     (["--max-tokens", "0"], "max_tokens must be"), (["--prompts-file", "/nonexistent.jsonl", "--output", "o.jsonl"],
                                                     "no such file"),

@@ -18,7 +18,7 @@ def _draw(logits, sp: SamplingParams, n: int, counts=None, seen=None):
     lg = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, V))
     c = jnp.zeros((n, V), jnp.int32) if counts is None else jnp.broadcast_to(counts, (n, V))
     s = jnp.zeros((n, V), bool) if seen is None else jnp.broadcast_to(seen, (n, V))
-    tokens, chosen, _, _ = jax.jit(sampling.sample, static_argnums=4)(lg, rp, c, s, 0)
+    tokens, chosen, _, _ = jax.jit(sampling.sample)(lg, rp, c, s)
     return np.asarray(tokens), np.asarray(chosen)
 
 

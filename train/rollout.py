@@ -185,12 +185,16 @@ class RolloutSource:
         """Completions of `prompts` under `trainable` -> the engine's RequestOutputs."""
         view = lora_lib.merge(self.frozen["base"], trainable, self.lora) if self.lora is not None else trainable
         engine = self._engine(view)
-        streams = [engine.add_request(list(p.ids), sp) for p, sp in zip(prompts, params_list)]
+        streams = engine.add_requests([list(p.ids) for p in prompts], params_list)
         try:
+            bad = next((s for s in streams if isinstance(s, Exception)), None)
+            if bad is not None:  # prompts were checked when read: this is a bug, not bad input
+                raise RuntimeError(f"a rollout request was refused: {bad}")
             return [s.result() for s in streams]
         finally:
             for s in streams:
-                s.close()
+                if not isinstance(s, Exception):
+                    s.close()
 
     def score(self, prompts: list[Prompt], outs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """-> (weighted total rewards [len(prompts), n], each reward's values {name: [len(prompts) * n]})."""
