@@ -14,8 +14,9 @@ Random weights at the model's shape, saved once to an HF directory that every en
      batching (`generate_batch`'s manager, each request with its own max_new_tokens);
    - batch-1 decode and prefill tokens/s.
 2. Host overhead: a tiny model with 256 requests decoding together, one decode step per host round trip
-   against multi-step windows: decode steps/s, and the host's milliseconds per step (wall time minus the
-   time the jitted calls take, which the script measures by blocking on each).
+   against multi-step windows, with and without overlap: decode steps/s, and the host's milliseconds per
+   step (wall time minus the time the jitted calls take, which the script measures by blocking on each
+   when there is no overlap; with overlap, what the wall time adds to that device time).
 3. Time to first token of a fresh process (`python -c` that loads the model and streams one request), with
    an empty persistent compilation cache and again with the cache it filled.
 """
@@ -39,6 +40,7 @@ import qwen_jax
 from benchmarks.common import markdown_table, record
 from infer import LLM, SamplingParams
 from qwen_jax.assets import DEFAULT_MODEL
+from qwen_jax.compilation_cache import Compilations
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,11 +99,6 @@ def hf_continuous(model, prompts, out_lens) -> float:
     return produced / (time.perf_counter() - t)
 
 
-def _programs(llm) -> int:
-    runner = llm.engine.runner
-    return runner._step._cache_size() + runner._decode._cache_size()
-
-
 def workload_rows(name, d, cfg, args, cpu, n, lo, hi, prefill_len, seqs):
     rng = np.random.default_rng(0)
     lens = [int(k) for k in rng.integers(lo, hi + 1, n)]
@@ -112,9 +109,10 @@ def workload_rows(name, d, cfg, args, cpu, n, lo, hi, prefill_len, seqs):
     llm = LLM(d, max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=max(prefill_len, 2048),
               compilation_cache=False, decode_steps=args.decode_steps)
     t = time.perf_counter()
-    outs = llm.generate(prompt_sets[0], params, use_tqdm=False)
+    with Compilations() as built:
+        outs = llm.generate(prompt_sets[0], params, use_tqdm=False)
     cold = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
-    programs = _programs(llm)
+    programs = built.count("_step_impl", "_decode_impl")
     t = time.perf_counter()  # new prompts, same lengths: the same shapes, no prefix-cache hit
     outs = llm.generate(prompt_sets[1], params, use_tqdm=False)
     warm = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
@@ -150,9 +148,12 @@ def host_overhead(args) -> list[list]:
         cfg = qwen_jax.Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
                                    num_kv_heads=1, head_dim=32, max_position_embeddings=1024)
         qwen_jax.save_pretrained(d, cfg, qwen_jax.init_params(cfg, jax.random.key(0), jnp.float32), progress=False)
-        for k in sorted({1, args.decode_steps}):
+        device_ms = {}  # decode steps per window -> device ms per step, from the run without overlap
+        for k, overlap in ((1, False), (args.decode_steps, False), (args.decode_steps, True)):
+            if k == 1 and args.decode_steps == 1 and overlap:
+                continue
             llm = LLM(d, skip_tokenizer_init=True, max_model_len=256, max_num_seqs=256, max_num_batched_tokens=4096,
-                      compilation_cache=False, decode_steps=k)
+                      compilation_cache=False, decode_steps=k, overlap=overlap)
             runner, device = llm.engine.runner, [0.0]
 
             def blocked(fn):
@@ -163,7 +164,8 @@ def host_overhead(args) -> list[list]:
                     return out
                 return call
 
-            runner._step, runner._decode = blocked(runner._step), blocked(runner._decode)
+            if not overlap:  # blocking on each call would undo the overlap
+                runner._step, runner._decode = blocked(runner._step), blocked(runner._decode)
             rng = np.random.default_rng(0)
             sp = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
             for i in range(2):  # the first compiles
@@ -171,7 +173,11 @@ def host_overhead(args) -> list[list]:
                 t = time.perf_counter()
                 llm.generate([rng.integers(10, 512, 8).tolist() for _ in range(256)], sp, use_tqdm=False)
                 wall, steps = time.perf_counter() - t, llm.stats()["steps"] - s0
-            rows.append([k, steps, steps / wall, 1000 * wall / steps, 1000 * (wall - device[0]) / steps])
+            if not overlap:
+                device_ms[k] = 1000 * device[0] / steps
+            # with overlap the host's share is what the wall time adds to the device time measured without it
+            rows.append([k, "yes" if overlap else "no", steps, steps / wall, 1000 * wall / steps,
+                         1000 * wall / steps - device_ms[k]])
             llm.shutdown()
     return rows
 
@@ -236,11 +242,12 @@ def main(argv=None):
                           f"generate of a fresh engine without a compilation cache; "
                           + ("CPU: fp32, Qwen3 vocabulary, hidden 512, 8 layers" if cpu else "bf16")))
         if "host" not in skip:
-            table = markdown_table(["decode steps per round trip", "decode steps", "steps/s", "ms per step",
-                                    "host ms per step"], host_overhead(args))
+            table = markdown_table(["decode steps per round trip", "overlap", "decode steps", "steps/s",
+                                    "ms per step", "host ms per step"], host_overhead(args))
             record("Engine host overhead (benchmarks/throughput.py)", table,
                    notes="tiny model (vocab 512, hidden 64, 2 layers), 256 sequences decoding together, 128 "
-                         "tokens each, greedy; host = wall minus the jitted calls' blocked time")
+                         "tokens each, greedy; host = wall minus the jitted calls' blocked time (with overlap: minus "
+                         "that run's device time per step)")
         if "ttft" not in skip:
             if "workload" in skip:
                 make_checkpoint(args.models.split(",")[0], cpu, d)

@@ -18,6 +18,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--decode-steps", type=int, default=8,
                    help="decode steps run on device per host round trip (1: one at a time)")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="read each decode window before dispatching the next (default: the next one is queued first)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
     g.add_argument("--kv-cache-memory-fraction", type=float, default=0.9, help="GPU: share of free memory for KV")
     g.add_argument("--kv-cache-gb", type=float, default=1.0, help="CPU: KV pool budget in GiB")
@@ -67,5 +69,6 @@ def build_llm(args, **extra):
                max_model_len=args.max_model_len, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                num_kv_blocks=args.num_kv_blocks, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
-               attn_impl=args.attn_impl, decode_steps=args.decode_steps, warmup=args.warmup or False,
+               attn_impl=args.attn_impl, decode_steps=args.decode_steps, overlap=not args.no_overlap,
+               warmup=args.warmup or False,
                compilation_cache=False if args.no_compilation_cache else (args.compilation_cache or True), **extra)

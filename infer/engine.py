@@ -165,10 +165,11 @@ class Engine:
                  num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.9,
                  kv_cache_gb: float = 1.0, dtype=None, attn_impl: str = "auto", seed: int = 0,
                  max_waiting: int | None = None, record_routes: bool = False, decode_steps: int = 8,
-                 warmup: int | None = None):
+                 warmup: int | None = None, overlap: bool = True):
         """`warmup`: compile, before serving, the programs sequences of up to that many tokens meet (every row
         and table-width bucket of greedy and sampling decode windows, and one prompt chunk per token bucket),
-        with a progress bar; the persistent compilation cache makes later starts load them instead."""
+        with a progress bar; the persistent compilation cache makes later starts load them instead.
+        `overlap`: dispatch the next decode window before reading the one in flight (`_continue`)."""
         require_causal_lm(config)
         self.config, self.tokenizer, self.max_model_len = config, tokenizer, max_model_len
         eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
@@ -189,8 +190,11 @@ class Engine:
         self._ids = itertools.count()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}  # owned by the loop thread
+        self._window = None  # the decode window in flight (dispatched, not yet read), owned by the loop thread
+        self.overlap = overlap
         self._pending = 0  # requests added and not yet finished
-        self.counters = {"requests_finished": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.counters = {"requests_finished": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                         "windows_overlapped": 0}  # decode windows dispatched before the previous one was read
         self._accepting = True
         self._stop = threading.Event()
         self.error: str | None = None  # set if the loop died (a bug): every request then fails
@@ -256,7 +260,8 @@ class Engine:
             self._pending += 1
         seeds = [base] + [int(np.random.SeedSequence([base, i]).generate_state(1)[0]) for i in range(1, params.n)]
         first = Sequence(ids, params, seeds[0], max_tokens, rid, 0)
-        seqs = [first] + [Sequence(ids, params, s, max_tokens, rid, i, parent=first) for i, s in enumerate(seeds[1:], 1)]
+        seqs = [first] + [Sequence(ids, params, s, max_tokens, rid, i, parent=first)
+                          for i, s in enumerate(seeds[1:], 1)]
         detoks = [Detokenizer(self.tokenizer, params.stop) for _ in seqs]
         return _Request(rid, prompt, ids, params, seqs, detoks, RequestStream(self, rid, sink), stream, notify, index)
 
@@ -336,8 +341,8 @@ class Engine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self._take_commands(block=self.scheduler.done)
-                if not self.scheduler.done:
+                self._take_commands(block=self.scheduler.done and self._window is None)
+                if not self.scheduler.done or self._window is not None:
                     self._step()
         except Exception as e:  # a bug: fail every request rather than hang their callers
             self.error = f"engine error: {type(e).__name__}: {e}"
@@ -370,6 +375,11 @@ class Engine:
                 return
 
     def _step(self) -> None:
+        if self._window is not None:  # a decode window is in flight: queue the next one, then read this one
+            window, self._window = self._window, None
+            self._window = self._continue(window)
+            self._read(window)
+            return
         batch = self.scheduler.schedule()
         budgets = self.scheduler.plan_window(batch, self.runner.decode_steps)
         if budgets is None:
@@ -378,10 +388,31 @@ class Engine:
         seqs = [seq for seq, _ in batch]
         stops = [tuple(sorted(set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)))
                  for s in seqs]
-        tokens, chosen, top_ids, top_lp, valid = self.runner.decode(seqs, budgets, stops)
+        self._window = self.runner.decode(seqs, budgets, stops)
+
+    def _continue(self, window):
+        """Overlap: while `window` runs, dispatch the window after it for the same sequences (assuming each
+        takes its whole budget; the device skips rows that stopped), so the host's reading of one window
+        runs beside the device's next. Only when nothing else waits (no request to admit, no command), the
+        free blocks hold it, and the sequences left would not fit a smaller row bucket (a finished row is
+        still computed); None otherwise."""
+        if not self.overlap or self.scheduler.waiting or not self._commands.empty():
+            return None
+        budgets = self.scheduler.plan_next_window(window.seqs, window.budgets, self.runner.decode_steps,
+                                                  self.runner.decode_rows)
+        if budgets is None:
+            return None
+        self.counters["windows_overlapped"] += 1
+        return self.runner.decode(window.seqs, budgets, window.stop_ids, after=window)
+
+    def _read(self, window) -> None:
+        """A window's results, step by step, as if each step had run alone (rows whose sequence finished
+        meanwhile, on the host, are dropped)."""
+        seqs = window.seqs
+        tokens, chosen, top_ids, top_lp, valid = self.runner.collect(window)
         token_list, valid_list = tokens.tolist(), valid.tolist()
-        live = range(len(seqs))  # rows still generating (a row the device stopped never comes back)
-        for i in range(len(token_list)):  # each step of the window, as if it had run alone
+        live = [r for r, seq in enumerate(seqs) if not seq.finished]  # a row the device stopped never comes back
+        for i in range(len(token_list)):
             ok, toks = valid_list[i], token_list[i]
             rows = [r for r in live if ok[r]]
             if not rows:

@@ -28,12 +28,13 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_gb: float = 1.0, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, dtype: str | None = None, seed: int = 0,
                  attn_impl: str = "auto", max_waiting: int | None = None, compilation_cache: str | bool = True,
-                 decode_steps: int = 8, warmup: int | bool = False):
+                 decode_steps: int = 8, warmup: int | bool = False, overlap: bool = True):
         """`compilation_cache`: JAX's persistent compilation cache (qwen_jax.compilation_cache): True for the
         default directory, a path, or False to leave JAX's configuration alone. `decode_steps`: the longest
         multi-step decode window (decode steps run on device per host round trip; 1 turns it off).
         `warmup`: compile at start-up, with a progress bar, the programs that sequences of up to that many
-        tokens meet (True: min(max_model_len, 2048)), so no request waits for a compilation."""
+        tokens meet (True: min(max_model_len, 2048)), so no request waits for a compilation. `overlap`: the
+        next decode window is dispatched before the one in flight is read (False: strictly one at a time)."""
         from qwen_jax import compilation_cache as cc
         from qwen_jax.assets import DEFAULT_MODEL
 
@@ -63,7 +64,8 @@ class LLM:
                              kv_cache_memory_fraction=kv_cache_memory_fraction, kv_cache_gb=kv_cache_gb,
                              dtype=jnp.dtype(dtype) if dtype else params["embed"].dtype, attn_impl=attn_impl,
                              seed=seed, max_waiting=max_waiting, decode_steps=decode_steps,
-                             warmup=min(self.max_model_len, 2048) if warmup is True else (warmup or None))
+                             warmup=min(self.max_model_len, 2048) if warmup is True else (warmup or None),
+                             overlap=overlap)
         self.num_blocks = self.engine.runner.num_blocks
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
 

@@ -23,10 +23,12 @@ logprobs, a step is a plain argmax and the penalty state is left untouched.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import qwen_jax
 from infer import sampling
@@ -60,6 +62,16 @@ def row_bucket(n: int, cap: int) -> int:
     return min(b, cap)
 
 
+class Window(NamedTuple):
+    """A decode window dispatched to the device: its rows, and what `collect` and a continuing window need."""
+    seqs: list[Sequence]
+    budgets: list[int]
+    stop_ids: list[tuple[int, ...]]
+    positions: np.ndarray  # [B] each row's first position
+    tables: np.ndarray  # [B, W] block tables
+    out: dict  # device arrays (see _decode_impl)
+
+
 def device_memory_stats() -> dict | None:
     """The first device's allocator statistics (None on CPU)."""
     return jax.devices()[0].memory_stats()
@@ -75,6 +87,7 @@ class ModelRunner:
                  num_blocks: int | None = None, memory_fraction: float = 0.9, kv_cache_gb: float = 1.0,
                  record_routes: bool = False, decode_steps: int = 8):
         self.config, self.params, self.rules = config, params, rules
+        self._replicated = NamedSharding(rules.mesh, P())  # per-row window inputs and outputs
         self.decode_steps = decode_steps  # the longest multi-step decode window
         self.record_routes = record_routes and config.is_moe
         self.routes_pool: np.ndarray | None = None  # [num_blocks * block_size, L_moe, k] expert ids
@@ -181,11 +194,12 @@ class ModelRunner:
         tokens, chosen, top_ids, top_lp, penalty = self._sample(logits, penalty, rows, valid, rp, fast)
         return cache, penalty, tokens, chosen, top_ids, top_lp, routes
 
-    def _decode_impl(self, params, cache, penalty, tokens_B, positions_B, tables_BW, rows, budget_B, stop_BS,
-                     n_steps, rp, fast):
-        """Up to n_steps decode steps: row b feeds tokens_B[b] at positions_B[b], samples, feeds the sample back,
-        and stops after budget_B[b] tokens or at a token in stop_BS[b] (-1 = none). -> (cache, penalty, out)
-        with out[name] [K, B, ...] per step and out["valid"][i, b]: row b produced a token at step i."""
+    def _decode_impl(self, params, cache, penalty, tokens_B, halted_B, positions_B, tables_BW, rows, budget_B,
+                     stop_BS, n_steps, rp, fast):
+        """Up to n_steps decode steps: row b (unless halted_B[b]) feeds tokens_B[b] at positions_B[b], samples, feeds
+        the sample back, and stops after budget_B[b] tokens or at a token in stop_BS[b] (-1 = none).
+        -> (cache, penalty, out) with out[name] [K, B, ...] per step, out["valid"][i, b]: row b produced a
+        token at step i; out["last"] [B]: each row's last token, out["halted"] [B]: it met a stop token."""
         K, bs = self.decode_steps, self.block_size
         B, W = tables_BW.shape
         top_logprobs = 0 if fast else min(sampling.MAX_LOGPROBS, self.config.vocab_size)
@@ -197,7 +211,7 @@ class ModelRunner:
             out["routes"] = jnp.zeros((K, n_moe, B, self.config.num_experts_per_tok), jnp.int16)
 
         def body(carry):
-            i, cache, penalty, tok_B, active_B, out = carry
+            i, cache, penalty, tok_B, active_B, halted_B, out = carry
             pos_B = positions_B + i
             page_B = jnp.take_along_axis(tables_BW, jnp.minimum(pos_B // bs, W - 1)[:, None], axis=1)[:, 0]
             slot_B = jnp.where(active_B, page_B * bs + pos_B % bs, -1)
@@ -210,15 +224,17 @@ class ModelRunner:
             if routes is not None:
                 step["routes"] = routes[:, :, 0]
             out = {k: v.at[i].set(step[k]) for k, v in out.items()}
-            stop = (i + 1 >= budget_B) | jnp.any(new_B[:, None] == stop_BS, axis=1)
-            return i + 1, cache, penalty, new_B, active_B & ~stop, out
+            hit = active_B & jnp.any(new_B[:, None] == stop_BS, axis=1)
+            return i + 1, cache, penalty, new_B, active_B & ~hit & (i + 1 < budget_B), hit | halted_B, out
 
         def cond(carry):
             return (carry[0] < n_steps) & jnp.any(carry[4])
 
-        init = (jnp.int32(0), cache, penalty, tokens_B, budget_B > 0, out)
-        _, cache, penalty, _, _, out = jax.lax.while_loop(cond, body, init)
-        return cache, penalty, out
+        # a row that met a stop token in an earlier window stays halted
+        init = (jnp.int32(0), cache, penalty, tokens_B, ~halted_B & (budget_B > 0), halted_B, out)
+        _, cache, penalty, last_B, _, halted_B, out = jax.lax.while_loop(cond, body, init)
+        last_B, halted_B = (jax.lax.with_sharding_constraint(x, self._replicated) for x in (last_B, halted_B))
+        return cache, penalty, {**out, "last": last_B, "halted": halted_B}
 
     def _prepare_rows(self, batch: list[Sequence], B: int) -> np.ndarray:
         """Claim penalty rows for the batch's penalised sequences -> the penalty row of each of B rows."""
@@ -279,37 +295,59 @@ class ModelRunner:
             self.routes_pool[slots[filled]] = np.moveaxis(routes, 0, 2)[filled]  # [tokens, L_moe, k]
         return tokens[:n], chosen[:n], top_ids[:n], top_lp[:n], valid[:n]
 
-    def decode(self, seqs: list[Sequence], budgets: list[int], stop_ids: list[tuple[int, ...]]):
-        """A multi-step decode window: each sequence (its last token not yet computed, blocks reserved for
-        `budgets[r]` more tokens) takes up to budgets[r] tokens, stopping early at one of stop_ids[r].
-        -> (tokens, chosen logprobs, top ids, top logprobs, valid), numpy, each [steps run, n, ...]."""
+    def _on_device(self, *arrays: np.ndarray) -> list[jax.Array]:
+        """Per-row window inputs placed as a window's outputs are (replicated), so a window that starts from
+        host values and one that continues from a window in flight run the same compiled program."""
+        return [jax.device_put(a, self._replicated) for a in arrays]
+
+    def decode(self, seqs: list[Sequence], budgets: list[int], stop_ids: list[tuple[int, ...]],
+               after: "Window | None" = None) -> "Window":
+        """Dispatch a multi-step decode window (asynchronously: `collect` reads it). Each sequence (its last
+        token not yet computed, blocks reserved for budgets[r] more tokens) takes up to budgets[r] tokens,
+        stopping early at one of stop_ids[r]. `after`: the window still in flight that this one continues,
+        with the same sequences, each assumed to take its whole budget there; its last tokens, and which rows
+        met a stop token, are read on device."""
         n = len(seqs)
         B = self.decode_rows(n)
         rows = self._prepare_rows(seqs, B)
         tables = self._table_array(seqs, B)
-        tokens = np.zeros(B, np.int32)
+        ahead = np.zeros(B, np.int32)  # tokens the window in flight adds first
+        if after is not None:
+            ahead[:n] = after.budgets
         positions = np.zeros(B, np.int32)
+        positions[:n] = [len(s) - 1 for s in seqs]
+        positions += ahead
         budget = np.zeros(B, np.int32)
+        budget[:n] = budgets
         S = bucket(max(4, max(map(len, stop_ids))))
         stops = np.full((B, S), -1, np.int32)
-        for r, seq in enumerate(seqs):
-            positions[r] = len(seq) - 1
-            tokens[r] = seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]
-            stops[r, :len(stop_ids[r])] = stop_ids[r]
-        budget[:n] = budgets
+        for r, ids in enumerate(stop_ids):
+            stops[r, :len(ids)] = ids
+        if after is None:
+            tokens = np.zeros(B, np.int32)
+            tokens[:n] = [s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in seqs]
+            tokens, halted = self._on_device(tokens, np.zeros(B, bool))
+        else:
+            tokens, halted = after.out["last"], after.out["halted"]
         rp = sampling.row_params([s.params for s in seqs], [s.seed for s in seqs],
-                                 [len(s.output_ids) for s in seqs], B)
+                                 [len(s.output_ids) + int(a) for s, a in zip(seqs, ahead)], B)
         self.cache, self.penalty, out = self._decode(
-            self.params, self.cache, self.penalty, tokens, positions, tables, rows, budget, stops,
+            self.params, self.cache, self.penalty, tokens, halted, positions, tables, rows, budget, stops,
             np.int32(max(budgets)), rp, fast=self._fast(seqs))
-        out = jax.device_get(out)
+        return Window(seqs, list(budgets), stop_ids, positions, tables, out)
+
+    def collect(self, w: "Window"):
+        """Wait for a window -> (tokens, chosen logprobs, top ids, top logprobs, valid), numpy, each
+        [steps run, n, ...]; with routes recorded, they go to the routes pool."""
+        n = len(w.seqs)
+        out = jax.device_get({k: v for k, v in w.out.items() if k not in ("last", "halted")})
         steps = int(out["valid"].any(axis=1).sum())
         if self.routes_pool is not None:
             bs = self.block_size
             for i in range(steps):
                 r_ok = np.flatnonzero(out["valid"][i])
-                pos = positions[r_ok] + i
-                slot = tables[r_ok, pos // bs] * bs + pos % bs
+                pos = w.positions[r_ok] + i
+                slot = w.tables[r_ok, pos // bs] * bs + pos % bs
                 self.routes_pool[slot] = np.moveaxis(out["routes"][i][:, r_ok], 1, 0)  # [rows, L_moe, k]
         return tuple(out[k][:steps, :n] for k in ("tokens", "chosen", "top_ids", "top_lp", "valid"))
 
@@ -333,8 +371,9 @@ class ModelRunner:
         zeros = np.zeros(B, np.int32)
         if kind.startswith("decode"):
             self.cache, self.penalty, out = self._decode(
-                self.params, self.cache, self.penalty, zeros, zeros, np.zeros((B, n), np.int32), zeros, zeros,
-                np.full((B, 4), -1, np.int32), np.int32(0), rp, fast=kind == "decode-greedy")
+                self.params, self.cache, self.penalty, *self._on_device(zeros, np.zeros(B, bool)), zeros,
+                np.zeros((B, n), np.int32), zeros, zeros, np.full((B, 4), -1, np.int32), np.int32(0), rp,
+                fast=kind == "decode-greedy")
         else:
             W = bucket(cdiv(n, self.block_size), self.max_blocks)
             grid = np.zeros((B, n), np.int32)

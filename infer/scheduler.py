@@ -18,6 +18,7 @@ Stop strings are the engine's (they need text); it calls `finish`.
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from infer.block_manager import BlockManager
 from infer.sequence import Sequence, Status
@@ -125,6 +126,27 @@ class Scheduler:
         budgets = [min(n, lf) for lf in left]
         for (seq, _), b in zip(batch, budgets):
             bm.reserve(seq, len(seq) - 1 + b)
+        return budgets
+
+    def plan_next_window(self, seqs: list[Sequence], ahead: list[int], max_steps: int,
+                         rows: Callable[[int], int]) -> list[int] | None:
+        """Budgets for a window that continues one still in flight, where each sequence takes up to ahead[r]
+        tokens, with the blocks reserved; None when no sequence would be left, when those left fit fewer
+        padded rows (`rows(n)`: the rows n sequences take) than all of them, or when the free blocks cannot
+        hold the window (the caller then reads the window in flight and schedules afresh)."""
+        left = [0 if seq.finished else self.left(seq) - a for seq, a in zip(seqs, ahead)]
+        n = min(max_steps, max(left))
+        if n <= 0 or rows(sum(lf > 0 for lf in left)) < rows(len(seqs)):
+            return None
+        bm = self.block_manager
+        budgets = [max(min(n, lf), 0) for lf in left]
+        need = [len(seq) - 1 + a + b for seq, a, b in zip(seqs, ahead, budgets)]
+        if sum(max(bm.blocks_needed(k) - len(seq.block_table), 0) for seq, k, b in zip(seqs, need, budgets)
+               if b) > bm.num_free:
+            return None
+        for seq, k, b in zip(seqs, need, budgets):
+            if b:
+                bm.reserve(seq, k)
         return budgets
 
     def _preempt(self, seq: Sequence) -> None:

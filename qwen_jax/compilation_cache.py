@@ -37,3 +37,28 @@ def enable(path: str | bool | None = True) -> str | None:
     if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default: most engine steps are faster
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return directory
+
+
+class Compilations:
+    """Counts the programs XLA builds (a compilation, or a load from the persistent cache) while open, by
+    the jitted function's name: `with Compilations() as c: ...; c.count("_decode_impl")`. JAX's own dispatch
+    cache keys also differ by argument placement (a NumPy array against a device array of the same shape),
+    so its size overstates what was compiled; this counts the builds."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def _listen(self, event: str, duration: float, **kw) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.names.append(str(kw.get("fun_name", "")))
+
+    def count(self, *names: str) -> int:
+        """Builds of the functions whose names contain any of `names` (all builds without names)."""
+        return sum(1 for n in self.names if not names or any(x in n for x in names))
+
+    def __enter__(self) -> "Compilations":
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)

@@ -12,6 +12,7 @@ import torch
 
 from infer import LLM, SamplingParams
 from qwen_jax import RequestError
+from qwen_jax.compilation_cache import Compilations
 from reference.hf_models import build, build_tokenizer, qwen3_chat_template
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,10 +158,10 @@ def _mixed_requests(rng, vocab: int, n: int):
 
 
 def test_multi_step_decode_gives_the_single_step_outputs(rng):
-    """Windows of up to 8 decode steps on device against one step per host round trip: the same tokens, stop
-    reasons and text, for every way of finishing inside a window, also with a pool so small that sequences
-    are preempted (windows then shrink). Logprobs agree to float32 rounding: the window's program (and its
-    block-table width) differs from a single step's."""
+    """Windows of up to 8 decode steps on device, each dispatched before the previous one is read (overlap),
+    against one step per host round trip with no overlap: the same tokens, stop reasons and text, for every
+    way of finishing inside a window, also with a pool so small that sequences are preempted (windows then
+    shrink). Logprobs agree to float32 rounding: the block-table width a step sees differs."""
     prompts, params = _mixed_requests(rng, 4096, 20)
 
     def run(**kw):
@@ -170,8 +171,11 @@ def test_multi_step_decode_gives_the_single_step_outputs(rng):
         llm.shutdown()
         return outs, stats
 
-    one, _ = run(decode_steps=1, num_kv_blocks=160)
-    for outs, stats in (run(decode_steps=8, num_kv_blocks=160), run(decode_steps=8, num_kv_blocks=14, block_size=8)):
+    one, stats = run(decode_steps=1, overlap=False, num_kv_blocks=160)
+    assert stats["windows_overlapped"] == 0
+    roomy, stats = run(decode_steps=8, num_kv_blocks=160)
+    assert stats["windows_overlapped"] > 0
+    for outs, stats in ((roomy, stats), run(decode_steps=8, num_kv_blocks=14, block_size=8)):
         for a, b in zip(outs, one):
             for x, y in zip(a.outputs, b.outputs):
                 assert (x.token_ids, x.text, x.finish_reason, x.stop_reason) == (y.token_ids, y.text,
@@ -193,11 +197,11 @@ def test_a_fixed_workload_compiles_at_most_eight_programs(dense_dir):
     rng = np.random.default_rng(0)  # a fixed workload: the count depends on its lengths
     prompts = _prompts(rng, rng.integers(16, 128, 32).tolist())
     params = [SamplingParams(temperature=0, max_tokens=int(k), ignore_eos=True) for k in rng.integers(16, 128, 32)]
-    llm = LLM(path, max_model_len=256, max_num_seqs=32, num_kv_blocks=600, compilation_cache=False)
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    with Compilations() as built:
+        llm = LLM(path, max_model_len=256, max_num_seqs=32, num_kv_blocks=600, compilation_cache=False)
+        outs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in params]
-    runner = llm.engine.runner
-    compiled = {"prefill": runner._step._cache_size(), "decode": runner._decode._cache_size()}
+    compiled = {"prefill": built.count("_step_impl"), "decode": built.count("_decode_impl")}
     assert sum(compiled.values()) <= 8, compiled
 
 
@@ -205,17 +209,18 @@ def test_warmup_compiles_every_decode_program_a_workload_meets(dense_dir, rng, c
     """After LLM(warmup=64), requests of up to 64 tokens (greedy and sampled, any batch) compile no decode
     program; the warm-up shows a progress bar."""
     _, path = dense_dir
-    llm = LLM(path, max_model_len=64, max_num_seqs=16, num_kv_blocks=80, warmup=True, compilation_cache=False)
+    with Compilations() as built:
+        llm = LLM(path, max_model_len=64, max_num_seqs=16, num_kv_blocks=80, warmup=True, compilation_cache=False)
     assert "warmup (sequences up to 64 tokens)" in capsys.readouterr().err
-    runner = llm.engine.runner
-    decode = runner._decode._cache_size()
+    decode = built.count("_decode_impl")
     assert decode == 2 * 3 * 3  # greedy and sampling x rows {8, 12, 16} x table widths {1, 2, 4} blocks of 16
-    for n in (1, 5, 16):
-        prompts = _prompts(rng, rng.integers(1, 30, n).tolist())
-        params = [SamplingParams(temperature=float(rng.choice([0, 1])), seed=i, max_tokens=int(m), ignore_eos=True)
-                  for i, m in enumerate(rng.integers(1, 34, n))]
-        llm.generate(prompts, params, use_tqdm=False)
-    assert runner._decode._cache_size() == decode
+    with Compilations() as later:
+        for n in (1, 5, 16):
+            prompts = _prompts(rng, rng.integers(1, 30, n).tolist())
+            params = [SamplingParams(temperature=float(rng.choice([0, 1])), seed=i, max_tokens=int(m),
+                                     ignore_eos=True) for i, m in enumerate(rng.integers(1, 34, n))]
+            llm.generate(prompts, params, use_tqdm=False)
+    assert later.count("_decode_impl") == 0, later.names
 
 
 def test_abandoned_stream_releases_its_blocks(dense_dir):
