@@ -240,7 +240,7 @@ def test_cli_stream_and_batch_file(dense_dir, tmp_path):
     env["PYTHONPATH"] = REPO
     common = [sys.executable, "-m", "infer.generate", "--model", path, "--max-model-len", "64",
               "--num-kv-blocks", "32", "--temperature", "0", "--ignore-eos"]
-    r = subprocess.run(common + ["--prompt", "Hello, world", "--max-tokens", "5"], env=env, cwd=REPO,
+    r = subprocess.run(common + ["--prompt", "Hello, world", "--max-tokens", "5", "--no-overlap"], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello, world") and "finish_reason: length" in r.stderr
