@@ -149,9 +149,8 @@ def host_overhead(args) -> list[list]:
                                    num_kv_heads=1, head_dim=32, max_position_embeddings=1024)
         qwen_jax.save_pretrained(d, cfg, qwen_jax.init_params(cfg, jax.random.key(0), jnp.float32), progress=False)
         device_ms = {}  # decode steps per window -> device ms per step, from the run without overlap
-        for k, overlap in ((1, False), (args.decode_steps, False), (args.decode_steps, True)):
-            if k == 1 and args.decode_steps == 1 and overlap:
-                continue
+        K = args.decode_steps
+        for k, overlap in dict.fromkeys([(1, False), (K, False), (K, True)]):  # (1, False) once when K is 1
             llm = LLM(d, skip_tokenizer_init=True, max_model_len=256, max_num_seqs=256, max_num_batched_tokens=4096,
                       compilation_cache=False, decode_steps=k, overlap=overlap)
             runner, device = llm.engine.runner, [0.0]

@@ -52,6 +52,10 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
+    def missing(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks seq lacks for positions 0 .. num_tokens - 1 (what `reserve` would take)."""
+        return max(self.blocks_needed(num_tokens) - len(seq.block_table), 0)
+
     @staticmethod
     def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
         return hash((prev, tokens))

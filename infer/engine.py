@@ -376,7 +376,7 @@ class Engine:
 
     def _step(self) -> None:
         if self._window is not None:  # a decode window is in flight: queue the next one, then read this one
-            window, self._window = self._window, None
+            window = self._window
             self._window = self._continue(window)
             self._read(window)
             return

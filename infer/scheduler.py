@@ -117,8 +117,7 @@ class Scheduler:
             n = min(n, min(left))
         bm = self.block_manager
         while n > 1:
-            extra = sum(max(bm.blocks_needed(len(seq) - 1 + min(n, lf)) - len(seq.block_table), 0)
-                        for (seq, _), lf in zip(batch, left))
+            extra = sum(bm.missing(seq, len(seq) - 1 + min(n, lf)) for (seq, _), lf in zip(batch, left))
             if extra <= bm.num_free:
                 break
             n //= 2
@@ -141,8 +140,7 @@ class Scheduler:
         bm = self.block_manager
         budgets = [max(min(n, lf), 0) for lf in left]
         need = [len(seq) - 1 + a + b for seq, a, b in zip(seqs, ahead, budgets)]
-        if sum(max(bm.blocks_needed(k) - len(seq.block_table), 0) for seq, k, b in zip(seqs, need, budgets)
-               if b) > bm.num_free:
+        if sum(bm.missing(seq, k) for seq, k, b in zip(seqs, need, budgets) if b) > bm.num_free:
             return None
         for seq, k, b in zip(seqs, need, budgets):
             if b:
