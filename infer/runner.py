@@ -185,7 +185,7 @@ class ModelRunner:
             return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), jnp.zeros((B,), jnp.float32), *empty, penalty
         tokens, chosen, top_ids, top_lp = sampling.sample(logits_BV, rp, penalty["counts"][rows],
                                                           penalty["seen"][rows])
-        counts = penalty["counts"].at[rows, tokens].add(valid.astype(jnp.int32))
+        counts = penalty["counts"].at[rows, tokens].add((valid & sampling.uses_penalties(rp)).astype(jnp.int32))
         return tokens, chosen, top_ids, top_lp, {"counts": counts, "seen": penalty["seen"]}
 
     def _step_impl(self, params, cache, penalty, ids, positions, slots, block_tables, lengths, rows, valid, rp,

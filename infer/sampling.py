@@ -151,14 +151,17 @@ def _top_k_top_p_mask(logits, rp):
     return (logits >= kth) & (logits >= p_thresh)
 
 
+def uses_penalties(rp):
+    """[B] bool: the rows whose request has a repetition, presence or frequency penalty."""
+    return (rp["repetition_penalty"] != 1) | (rp["presence_penalty"] != 0) | (rp["frequency_penalty"] != 0)
+
+
 def sample(logits_BV, rp, counts_BV, seen_BV):
     """-> (tokens [B] int32, chosen logprob [B], top ids [B, MAX_LOGPROBS], top logprobs [B, MAX_LOGPROBS]);
     the top-n lists are computed only when some row asks for them (zeros otherwise)."""
     raw_logprobs = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
-    logits = jax.lax.cond(jnp.any((rp["repetition_penalty"] != 1) | (rp["presence_penalty"] != 0)
-                                  | (rp["frequency_penalty"] != 0)),
-                          lambda lg: apply_penalties(lg, rp, counts_BV, seen_BV), lambda lg: lg,
-                          logits_BV.astype(jnp.float32))
+    logits = jax.lax.cond(jnp.any(uses_penalties(rp)), lambda lg: apply_penalties(lg, rp, counts_BV, seen_BV),
+                          lambda lg: lg, logits_BV.astype(jnp.float32))
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(lg):

@@ -223,6 +223,22 @@ def test_warmup_compiles_every_decode_program_a_workload_meets(dense_dir, rng, c
     assert later.count("_decode_impl") == 0, later.names
 
 
+def test_penalty_state_is_touched_only_by_requests_with_penalties(dense_dir, rng):
+    """Greedy requests (the argmax fast path) and sampled ones without penalties leave the [max_num_seqs,
+    vocab] penalty tables as they were; a request with penalties writes its counts."""
+    _, path = dense_dir
+    llm = LLM(path, max_model_len=64, max_num_seqs=8, num_kv_blocks=40)
+    penalty = lambda: {k: np.asarray(v).sum() for k, v in llm.engine.runner.penalty.items()}  # noqa: E731
+    prompts = _prompts(rng, [5, 9, 3])
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts, SamplingParams(temperature=1.0, seed=1, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert penalty() == {"counts": 0, "seen": 0}
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, frequency_penalty=0.5),
+                 use_tqdm=False)
+    assert all(v > 0 for v in penalty().values())
+    llm.shutdown()
+
+
 def test_abandoned_stream_releases_its_blocks(dense_dir):
     _, path = dense_dir
     llm = LLM(path, max_model_len=64, num_kv_blocks=32)
