@@ -1,7 +1,8 @@
 """Attention entry points used by the model, the engine and the trainer.
 
 Each entry point dispatches on `impl`:
-  * "xla": the pure-jnp reference beside each kernel (runs everywhere, differentiable);
+  * "xla": pure jnp (runs everywhere, differentiable): for attention, `blockwise_attention` (the reference's
+    result by blocks of query rows that skip keys a causal mask hides); for paged attention, the reference;
   * "pallas": the Pallas Mosaic GPU kernel (Hopper and newer; `interpret=True` runs it in GPU interpret
     mode on any machine). Flash attention has a Pallas forward and backward (jax.custom_vjp);
   * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (attention: no segment ids or window;
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels._compat import interpret_mode
+from kernels.blockwise_attention import blockwise_attention
 from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
 from kernels.paged_attention import (PagedConfig, gather_pages, paged_attention_forward,
                                      paged_attention_reference, pallas_supported, write_pages)
@@ -184,8 +186,8 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, sliding_window:
         if segment_ids is not None or sliding_window is not None:
             raise ValueError("impl='cudnn' supports neither segment_ids nor sliding_window; use 'pallas' or 'xla'")
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
-    return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
-                               sliding_window=sliding_window, scale=scale)
+    return blockwise_attention(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
+                               scale=scale)
 
 
 def _resolve_paged(impl: str, q, k_pages, interpret: bool) -> str:
@@ -234,4 +236,4 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, scale: float 
 
 
 __all__ = ["attention", "paged_attention", "attention_impl", "paged_attention_impl", "write_pages",
-           "attention_reference", "paged_attention_reference", "interpret_mode"]
+           "attention_reference", "blockwise_attention", "paged_attention_reference", "interpret_mode"]
