@@ -18,6 +18,7 @@ plus attention metadata; the updated cache is returned, never mutated in place).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -30,6 +31,7 @@ from qwen_jax import moe, rope
 from qwen_jax.config import Qwen3Config
 from qwen_jax.lora import LoraConfig, lora_a_init
 from qwen_jax.sharding import ShardingRules, constrain
+from qwen_jax.swiglu import swiglu
 
 _INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
 
@@ -189,16 +191,16 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         D, F, dt = self.config.hidden_size, self.config.intermediate_size, self.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x_BTD, _param(self, "gate", (D, F), ("embed", "mlp")).astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x_BTD, _param(self, "up", (D, F), ("embed", "mlp")).astype(dt))
-        if self.lora is not None:
-            gate = _plus_lora(self, "gate", gate, x_BTD, (D, F), 1, ("embed", "mlp"))
-            up = _plus_lora(self, "up", up, x_BTD, (D, F), 1, ("embed", "mlp"))
-        h = constrain(jax.nn.silu(gate) * up, self.rules, ("act_batch", "act_seq", "act_mlp"))
-        y = jnp.einsum("BTF,FD->BTD", h, _param(self, "down", (F, D), ("mlp", "embed")).astype(dt))
-        if self.lora is not None:
-            y = _plus_lora(self, "down", y, h, (F, D), 1, ("mlp", "embed"))
-        return y
+        w_gate = _param(self, "gate", (D, F), ("embed", "mlp")).astype(dt)
+        w_up = _param(self, "up", (D, F), ("embed", "mlp")).astype(dt)
+        w_down = _param(self, "down", (F, D), ("mlp", "embed")).astype(dt)
+        place = functools.partial(constrain, rules=self.rules, names=("act_batch", "act_seq", "act_mlp"))
+        if self.lora is None or not {"gate", "up", "down"} & set(self.lora.targets):
+            return swiglu(x_BTD, w_gate, w_up, w_down, place)
+        gate = _plus_lora(self, "gate", jnp.einsum("BTD,DF->BTF", x_BTD, w_gate), x_BTD, (D, F), 1, ("embed", "mlp"))
+        up = _plus_lora(self, "up", jnp.einsum("BTD,DF->BTF", x_BTD, w_up), x_BTD, (D, F), 1, ("embed", "mlp"))
+        h = place(jax.nn.silu(gate) * up)
+        return _plus_lora(self, "down", jnp.einsum("BTF,FD->BTD", h, w_down), h, (F, D), 1, ("mlp", "embed"))
 
 
 class MoEBlock(nn.Module):
@@ -336,9 +338,16 @@ class Qwen3(nn.Module):
 
 def output_head(config: Qwen3Config, params) -> jax.Array:
     """The output projection [D, V]: the transposed embedding when tied."""
+    head, axes = stored_output_head(config, params)
+    return head.T if axes == "VD" else head
+
+
+def stored_output_head(config: Qwen3Config, params) -> tuple[jax.Array, str]:
+    """The output projection as stored, with its axes: (embed [V, D], "VD") when tied, else (lm_head [D, V],
+    "DV"). Products written for either layout spare a transposed copy of a [V, D] matrix."""
     if config.is_classifier:
         raise ValueError("a sequence classifier (reward model) has a score head, not an LM head")
-    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return (params["embed"], "VD") if config.tie_word_embeddings else (params["lm_head"], "DV")
 
 
 def _default_positions(input_ids):
