@@ -23,27 +23,35 @@ def _chunked(chunk: int, hidden_ND, *per_token):
     return [x.reshape(n_chunks, chunk, *x.shape[1:]) for x in arrays]
 
 
-def cross_entropy(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: jax.Array, mask_N: jax.Array,
-                  z_weight: float = 0.0, chunk: int = 1024) -> tuple[jax.Array, jax.Array, jax.Array]:
+def cross_entropy(hidden_ND: jax.Array, head: jax.Array, targets_N: jax.Array, mask_N: jax.Array,
+                  z_weight: float = 0.0, chunk: int = 1024, head_axes: str = "DV"
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """-> (loss = ce + z_weight * z, ce, z): ce is the sum of masked token cross-entropies and z the sum of
     masked logsumexp^2 (the z-loss), all float32. Only `loss` carries a gradient (ce and z are values).
 
-    hidden [N, D] in the compute dtype; head [D, V]; targets [N] int; mask [N] (1 = counts).
+    hidden [N, D] in the compute dtype; head [D, V], or [V, D] with head_axes="VD" (a tied embedding as
+    stored: no transposed copy of it is made); targets [N] int; mask [N] (1 = counts).
 
     The gradient is made in the forward pass, chunk by chunk, while each chunk's logits exist: dlogits =
     mask * (softmax * (1 + 2 z_weight lse) - onehot(target)), then d_hidden = dlogits head^T and d_head +=
     hidden^T dlogits. That is three [C, D] x [D, V] products per chunk, the least there is, where
-    rematerialising the logits in the backward pass would take four. Without differentiation only the loss
-    is computed."""
-    head = head_DV.astype(hidden_ND.dtype)
-    loss, ce, z = _fused_ce(hidden_ND, head, targets_N, mask_N, float(z_weight), int(chunk))
+    rematerialising the logits in the backward pass would take four. The first chunk's d_head starts the
+    sum (no zeroed [D, V] buffer). Without differentiation only the loss is computed."""
+    _check_axes(head_axes)
+    head = head.astype(hidden_ND.dtype)
+    loss, ce, z = _fused_ce(hidden_ND, head, targets_N, mask_N, float(z_weight), int(chunk), head_axes)
     return loss, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(z)
 
 
-def _ce_chunk(h_CD, head_DV, t_C, m_C):
+def _check_axes(head_axes: str) -> None:
+    if head_axes not in ("DV", "VD"):
+        raise ValueError(f"head_axes must be 'DV' or 'VD', got {head_axes!r}")
+
+
+def _ce_chunk(h_CD, head, t_C, m_C, axes):
     """One chunk -> (exp(logits - row max) [C, V] f32, its row sums, lse [C], ce sum, z sum): one exp pass
     gives both the lse and (divided by the row sums) the softmax."""
-    logits = jnp.einsum("CD,DV->CV", h_CD, head_DV, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"CD,{axes}->CV", h_CD, head, preferred_element_type=jnp.float32)
     mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     e = jnp.exp(logits - mx[:, None])
     total = jnp.sum(e, axis=-1)
@@ -53,39 +61,47 @@ def _ce_chunk(h_CD, head_DV, t_C, m_C):
     return e, total, lse, jnp.sum((lse - target) * m), jnp.sum(lse * lse * m)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_ce(hidden_ND, head_DV, targets_N, mask_N, z_weight, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_ce(hidden_ND, head, targets_N, mask_N, z_weight, chunk, axes):
     def one(a):
         h_CD, t_C, m_C = a
-        return _ce_chunk(h_CD, head_DV, t_C, m_C)[3:]
+        return _ce_chunk(h_CD, head, t_C, m_C, axes)[3:]
 
     ce, z = jax.lax.map(one, tuple(_chunked(chunk, hidden_ND, targets_N, mask_N)))
     ce, z = jnp.sum(ce), jnp.sum(z)
     return ce + z_weight * z, ce, z
 
 
-def _fused_ce_fwd(hidden_ND, head_DV, targets_N, mask_N, z_weight, chunk):
+def _fused_ce_fwd(hidden_ND, head, targets_N, mask_N, z_weight, chunk, axes):
     N, D = hidden_ND.shape
     dt = hidden_ND.dtype
+    acc = jnp.promote_types(head.dtype, jnp.float32)
 
-    def step(dhead_DV, a):
+    def grads(a):  # one chunk -> (ce, z, d_hidden [C, D], its d_head term)
         h_CD, t_C, m_C = a
-        e, total, lse, ce, z = _ce_chunk(h_CD, head_DV, t_C, m_C)
+        e, total, lse, ce, z = _ce_chunk(h_CD, head, t_C, m_C, axes)
         m = m_C.astype(jnp.float32)
         p = e * ((1.0 + 2.0 * z_weight * lse) * m / total)[:, None]
         dlogits = p.at[jnp.arange(t_C.shape[0]), t_C].add(-m).astype(dt)  # [C, V]
-        dh = jnp.einsum("CV,DV->CD", dlogits, head_DV, preferred_element_type=jnp.float32).astype(dt)
-        dhead_DV = dhead_DV + jnp.einsum("CD,CV->DV", h_CD, dlogits, preferred_element_type=jnp.float32)
-        return dhead_DV, (ce, z, dh)
+        dh = jnp.einsum(f"CV,{axes}->CD", dlogits, head, preferred_element_type=jnp.float32).astype(dt)
+        dhead = jnp.einsum(f"CD,CV->{axes}", h_CD, dlogits, preferred_element_type=jnp.float32).astype(acc)
+        return ce, z, dh, dhead
 
-    acc = jnp.promote_types(head_DV.dtype, jnp.float32)
-    dhead, (ce, z, dh) = jax.lax.scan(step, jnp.zeros(head_DV.shape, acc),
-                                      tuple(_chunked(chunk, hidden_ND, targets_N, mask_N)))
+    def step(dhead, a):
+        ce, z, dh, part = grads(a)
+        return dhead + part, (ce, z, dh)
+
+    chunks = _chunked(chunk, hidden_ND, targets_N, mask_N)
+    ce0, z0, dh0, dhead = grads(tuple(x[0] for x in chunks))
+    ce, z, dh = ce0[None], z0[None], dh0[None]
+    if chunks[0].shape[0] > 1:
+        dhead, (ce_r, z_r, dh_r) = jax.lax.scan(step, dhead, tuple(x[1:] for x in chunks))
+        ce, z, dh = jnp.concatenate([ce, ce_r]), jnp.concatenate([z, z_r]), jnp.concatenate([dh, dh_r])
     ce, z = jnp.sum(ce), jnp.sum(z)
-    return (ce + z_weight * z, ce, z), (dh.reshape(-1, D)[:N], dhead.astype(head_DV.dtype))
+    return (ce + z_weight * z, ce, z), (dh.reshape(-1, D)[:N], dhead.astype(head.dtype))
 
 
-def _fused_ce_bwd(z_weight, chunk, res, g):
+def _fused_ce_bwd(z_weight, chunk, axes, res, g):
     dh, dhead = res
     g_loss = g[0]  # ce and z leave through stop_gradient: their cotangents are zero
     return (dh * g_loss.astype(dh.dtype), dhead * g_loss.astype(dhead.dtype), None, None)
@@ -94,16 +110,18 @@ def _fused_ce_bwd(z_weight, chunk, res, g):
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def token_logprobs(hidden_ND: jax.Array, head_DV: jax.Array, targets_N: jax.Array, chunk: int = 1024,
-                   entropy: bool = False):
+def token_logprobs(hidden_ND: jax.Array, head: jax.Array, targets_N: jax.Array, chunk: int = 1024,
+                   entropy: bool = False, head_axes: str = "DV"):
     """log p(target) for every position, float32 [N], with the same chunking (no [N, V] logits at once).
-    With entropy=True also the distribution's entropy at every position [N] (a value: no gradient)."""
+    With entropy=True also the distribution's entropy at every position [N] (a value: no gradient).
+    head: [D, V], or [V, D] with head_axes="VD" (as in `cross_entropy`)."""
     N = hidden_ND.shape[0]
-    head = head_DV.astype(hidden_ND.dtype)
+    _check_axes(head_axes)
+    head = head.astype(hidden_ND.dtype)
 
     @jax.checkpoint
     def one(h_CD, t_C):
-        logits = jnp.einsum("CD,DV->CV", h_CD, head, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(f"CD,{head_axes}->CV", h_CD, head, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, t_C[:, None], axis=-1)[:, 0] - lse
         if not entropy:

@@ -21,7 +21,7 @@ import numpy as np
 from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import ConfigError
 from qwen_jax.lora import LoraConfig
-from qwen_jax.model import output_head
+from qwen_jax.model import stored_output_head
 from qwen_jax.sharding import ShardingRules
 from train.config import TrainConfig
 from train.losses import token_logprobs
@@ -70,8 +70,9 @@ def sequence_logprobs(config: Qwen3Config, params, rows, opts: ForwardOptions, a
     plus the MoE load-balancing loss (0 if dense)."""
     f = forward_rows(config, params, rows, opts)
     N, T, D = f.hidden.shape
-    lp = token_logprobs(f.hidden.reshape(N * T, D), output_head(config, params), f.targets.reshape(-1),
-                        opts.ce_chunk).reshape(N, T)
+    head, axes = stored_output_head(config, params)
+    lp = token_logprobs(f.hidden.reshape(N * T, D), head, f.targets.reshape(-1), opts.ce_chunk,
+                        head_axes=axes).reshape(N, T)
     mask = f.mask.astype(jnp.float32)
     total = jnp.sum(lp * mask, axis=-1)
     if average:

@@ -29,7 +29,7 @@ import numpy as np
 from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import require
 from qwen_jax.lora import LoraConfig
-from qwen_jax.model import output_head
+from qwen_jax.model import stored_output_head
 from qwen_jax.sharding import ShardingRules
 from train.config import TrainConfig
 from train.losses import token_logprobs
@@ -116,8 +116,9 @@ def policy_logprobs(config: Qwen3Config, params, rows, opts: ForwardOptions, ent
         def place(x):
             return x.reshape(b, T)
 
-    out = token_logprobs(h.reshape(-1, D), output_head(config, params), targets.reshape(-1), opts.ce_chunk,
-                         entropy=entropy)
+    head, axes = stored_output_head(config, params)
+    out = token_logprobs(h.reshape(-1, D), head, targets.reshape(-1), opts.ce_chunk, entropy=entropy,
+                         head_axes=axes)
     lp, ent = out if entropy else (out, None)
     return place(lp), None if ent is None else place(ent), f.mask, f.aux
 

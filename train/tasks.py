@@ -19,7 +19,7 @@ from qwen_jax import lora as lora_lib
 from qwen_jax import moe
 from qwen_jax.config import Qwen3Config
 from qwen_jax.lora import LoraConfig
-from qwen_jax.model import output_head
+from qwen_jax.model import stored_output_head
 from qwen_jax.sharding import ShardingRules
 from train.config import TrainConfig
 from train.losses import cross_entropy
@@ -110,8 +110,9 @@ def lm_loss_terms(config: Qwen3Config, params, batch, opts: ForwardOptions, z_we
     z_sum, aux, n_tokens)."""
     f = forward_rows(config, params, batch, opts)
     b, T, D = f.hidden.shape
-    loss, ce, z = cross_entropy(f.hidden.reshape(b * T, D), output_head(config, params), f.targets.reshape(-1),
-                                f.mask.reshape(-1), z_weight, opts.ce_chunk)
+    head, axes = stored_output_head(config, params)
+    loss, ce, z = cross_entropy(f.hidden.reshape(b * T, D), head, f.targets.reshape(-1), f.mask.reshape(-1),
+                                z_weight, opts.ce_chunk, head_axes=axes)
     return loss, ce, z, f.aux, jnp.sum(f.mask)
 
 
