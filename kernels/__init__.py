@@ -1,8 +1,8 @@
 """Attention entry points used by the model, the engine and the trainer.
 
 Each entry point dispatches on `impl`:
-  * "xla": pure jnp (runs everywhere, differentiable): for attention, `blockwise_attention` (the reference's
-    result by blocks of query rows that skip keys a causal mask hides); for paged attention, the reference;
+  * "xla": pure jnp (runs everywhere, differentiable): `blockwise_attention`, the reference's result by
+    blocks of query rows that skip keys a causal mask hides (paged attention gathers the pages first);
   * "pallas": the Pallas Mosaic GPU kernel (Hopper and newer; `interpret=True` runs it in GPU interpret
     mode on any machine). Flash attention has a Pallas forward and backward (jax.custom_vjp);
   * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (attention: no segment ids or window;
@@ -232,7 +232,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, scale: float 
                                        config=PagedConfig(num_splits=num_splits), interpret=interpret)
     if impl == "cudnn":
         return _cudnn_paged(q, k_pages, v_pages, block_tables, lengths, scale, layer)
-    return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale, layer=layer)
+    k, v = gather_pages(k_pages, block_tables, layer), gather_pages(v_pages, block_tables, layer)
+    return blockwise_attention(q, k, v, causal=True, scale=scale, kv_lengths=lengths)  # long prefill skips keys
 
 
 __all__ = ["attention", "paged_attention", "attention_impl", "paged_attention_impl", "write_pages",

@@ -7,7 +7,8 @@ skips 3/8 of the score matrix; measured on a 2-core CPU (B=4, T=512, 8 query and
 plus backward takes half the time of the single masked product. The heads are laid out [B, Hkv, G, T, D]
 once, so every product is a plain batched matmul with no transposes between them. Segment ids still mask
 inside each block. The arithmetic per visible score is the reference's (float32 logits and softmax), so
-results agree to float32 rounding.
+results agree to float32 rounding. Paged attention's XLA path gathers the pages and calls this with each
+sequence's length (`kv_lengths`): a 2,048-token prefill at Qwen3-0.6B's heads takes a third of the time.
 """
 
 from __future__ import annotations
@@ -39,27 +40,34 @@ def query_blocks(T: int, S: int, *, causal: bool, sliding_window: int | None,
     return out
 
 
-def _block_mask(q_pos, k_pos, causal, sliding_window, q_seg, kv_seg):
-    """[B or 1, 1, 1, Tb, Sb] bool (True = attend) from absolute positions and the blocks' segment ids, or
-    None when every pair may attend."""
-    mask = None
+def _block_mask(q_pos, k_pos, causal, sliding_window, q_seg, kv_seg, kv_lengths):
+    """[B or 1, 1, 1, Tb, Sb] bool (True = attend) from absolute positions (q_pos [B or 1, Tb], k_pos [Sb]),
+    the blocks' segment ids and the sequences' key counts, or None when every pair may attend."""
+    parts = []
     if causal:
-        mask = k_pos[None, :] <= q_pos[:, None]
+        parts.append(k_pos[None, None, :] <= q_pos[:, :, None])
     if sliding_window is not None:
-        win = q_pos[:, None] - k_pos[None, :] < sliding_window
-        mask = win if mask is None else mask & win
+        parts.append(q_pos[:, :, None] - k_pos[None, None, :] < sliding_window)
+    if kv_lengths is not None:
+        parts.append(k_pos[None, None, :] < kv_lengths[:, None, None])
     if q_seg is not None:
-        seg = q_seg[:, :, None] == kv_seg[:, None, :]  # [B, Tb, Sb]
-        mask = seg if mask is None else mask[None] & seg
-    elif mask is not None:
-        mask = mask[None]
-    return None if mask is None else mask[:, None, None]
+        parts.append(q_seg[:, :, None] == kv_seg[:, None, :])
+    if not parts:
+        return None
+    mask = parts[0]
+    for p in parts[1:]:
+        mask = mask & p
+    return mask[:, None, None]
 
 
 def blockwise_attention(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_ids=None,
                         sliding_window: int | None = None, scale: float | None = None,
-                        block_q: int | None = None) -> jax.Array:
+                        kv_lengths: jax.Array | None = None, block_q: int | None = None) -> jax.Array:
     """Same arguments and result as `attention_reference`: q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D].
+
+    kv_lengths [B] int (the paged path): sequence b has only its first kv_lengths[b] <= S keys, and the
+    queries are its last T positions, so the causal mask is aligned at kv_lengths[b], not at S. The static
+    key ranges of `query_blocks(T, S)` still hold every visible key, since kv_lengths <= S.
     `block_q`: rows per query block (see `query_blocks`)."""
     B, T, N, D = q_BTND.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -81,9 +89,11 @@ def blockwise_attention(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_
             continue
         logits = jnp.einsum("BKGTD,BKSD->BKGTS", q[:, :, :, a:b], k[:, :, lo:hi],
                             preferred_element_type=jnp.float32) * scale
-        q_pos = jnp.arange(a, b) + (S - T)
+        end = jnp.full((1, 1), S) if kv_lengths is None else kv_lengths[:, None]  # where the keys end
+        q_pos = end - T + jnp.arange(a, b)[None]  # [1 or B, Tb]
         mask = _block_mask(q_pos, jnp.arange(lo, hi), causal, sliding_window,
-                           None if q_seg is None else q_seg[:, a:b], None if kv_seg is None else kv_seg[:, lo:hi])
+                           None if q_seg is None else q_seg[:, a:b], None if kv_seg is None else kv_seg[:, lo:hi],
+                           kv_lengths)
         if mask is not None:
             logits = jnp.where(mask, logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1)
