@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.flash_attention import _MASKED
+from kernels.flash_attention import _MASKED, checked_segments
 from kernels.util import cdiv
 
 MIN_BLOCK_Q = 128  # rows per query block; fewer than this costs more per block than it saves
@@ -71,14 +71,10 @@ def blockwise_attention(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_
     `block_q`: rows per query block (see `query_blocks`)."""
     B, T, N, D = q_BTND.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
+    q_seg, kv_seg = checked_segments(q_BTND, k_BSKD, segment_ids)
     G = N // K
     scale = D ** -0.5 if scale is None else scale
-    q_seg, kv_seg = (segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids))
-    if q_seg is not None and (q_seg.shape != (B, T) or kv_seg.shape != (B, S)):
-        raise ValueError(f"segment_ids shapes {q_seg.shape}/{kv_seg.shape} do not match q [B, T]={B, T}, "
-                         f"k [B, S]={B, S}")
+    end = jnp.full((1, 1), S) if kv_lengths is None else kv_lengths[:, None]  # [1 or B, 1]: where the keys end
     q = q_BTND.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     k = k_BSKD.transpose(0, 2, 1, 3)  # [B, K, S, D]
     v = v_BSKD.transpose(0, 2, 1, 3)
@@ -89,7 +85,6 @@ def blockwise_attention(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_
             continue
         logits = jnp.einsum("BKGTD,BKSD->BKGTS", q[:, :, :, a:b], k[:, :, lo:hi],
                             preferred_element_type=jnp.float32) * scale
-        end = jnp.full((1, 1), S) if kv_lengths is None else kv_lengths[:, None]  # where the keys end
         q_pos = end - T + jnp.arange(a, b)[None]  # [1 or B, Tb]
         mask = _block_mask(q_pos, jnp.arange(lo, hi), causal, sliding_window,
                            None if q_seg is None else q_seg[:, a:b], None if kv_seg is None else kv_seg[:, lo:hi],

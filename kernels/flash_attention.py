@@ -52,17 +52,26 @@ def masked_softmax_attention(q_BTKGD, k_BSKD, v_BSKD, mask, scale: float) -> jax
     return out.astype(q_BTKGD.dtype)
 
 
-def attention_reference(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_ids=None,
-                        sliding_window: int | None = None, scale: float | None = None) -> jax.Array:
-    B, T, N, D = q_BTND.shape
+def checked_segments(q_BTND, k_BSKD, segment_ids):
+    """Check the heads and segment ids of a full-sequence attention -> (q_seg [B, T], kv_seg [B, S]), both
+    None without segment ids. segment_ids: [B, T] (T == S) or a (q, kv) pair."""
+    B, T, N, _ = q_BTND.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    scale = D ** -0.5 if scale is None else scale
     q_seg, kv_seg = (segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids))
     if q_seg is not None and (q_seg.shape != (B, T) or kv_seg.shape != (B, S)):
         raise ValueError(f"segment_ids shapes {q_seg.shape}/{kv_seg.shape} do not match q [B, T]={B, T}, "
                          f"k [B, S]={B, S}")
+    return q_seg, kv_seg
+
+
+def attention_reference(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_ids=None,
+                        sliding_window: int | None = None, scale: float | None = None) -> jax.Array:
+    B, T, N, D = q_BTND.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    q_seg, kv_seg = checked_segments(q_BTND, k_BSKD, segment_ids)
+    scale = D ** -0.5 if scale is None else scale
     mask = attention_mask(T, S, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                           sliding_window=sliding_window)
     q = q_BTND.reshape(B, T, K, N // K, D)

@@ -92,12 +92,10 @@ def _fused_ce_fwd(hidden_ND, head, targets_N, mask_N, z_weight, chunk, axes):
         return dhead + part, (ce, z, dh)
 
     chunks = _chunked(chunk, hidden_ND, targets_N, mask_N)
-    ce0, z0, dh0, dhead = grads(tuple(x[0] for x in chunks))
-    ce, z, dh = ce0[None], z0[None], dh0[None]
-    if chunks[0].shape[0] > 1:
-        dhead, (ce_r, z_r, dh_r) = jax.lax.scan(step, dhead, tuple(x[1:] for x in chunks))
-        ce, z, dh = jnp.concatenate([ce, ce_r]), jnp.concatenate([z, z_r]), jnp.concatenate([dh, dh_r])
-    ce, z = jnp.sum(ce), jnp.sum(z)
+    ce0, z0, dh0, dhead = grads(tuple(x[0] for x in chunks))  # the first chunk's d_head starts the sum
+    dhead, (ce, z, dh) = jax.lax.scan(step, dhead, tuple(x[1:] for x in chunks))  # length 0 for one chunk
+    dh = jnp.concatenate([dh0[None], dh])
+    ce, z = ce0 + jnp.sum(ce), z0 + jnp.sum(z)
     return (ce + z_weight * z, ce, z), (dh.reshape(-1, D)[:N], dhead.astype(head.dtype))
 
 
