@@ -16,8 +16,9 @@ Decoding runs in multi-step windows (`decode`): one jitted call runs up to `deco
 budget, and is read back once. Each step is the same computation as a one-step call (same sampler key,
 same penalty counts), so the tokens are identical to stepping one at a time.
 
-The sampler has a greedy fast path (`fast`, static): when no row samples, uses penalties or asks for
-logprobs, a step is a plain argmax and the penalty state is left untouched.
+The sampler has a greedy fast path (`fast`, static), for prefill steps and decode windows: when no row
+samples, uses penalties or asks for logprobs, a step is a plain argmax and the penalty state is left
+untouched. Its programs compile in well under half the time of the full sampler's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from infer.sampling import SamplingParams
 from infer.sequence import Sequence
 from qwen_jax.config import Qwen3Config
 from qwen_jax.errors import ConfigError
-from qwen_jax.model import AttentionMeta, output_head
+from qwen_jax.model import AttentionMeta, stored_output_head
 from qwen_jax.sharding import ShardingRules
 from kernels.util import cdiv
 
@@ -168,21 +169,25 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ the step
     def _logits(self, params, cache, ids, positions, meta):
-        """-> (logits at each row's last token [B, V] float32, updated cache, routes [L_moe, B, T, k] or None)."""
+        """-> (logits at each row's last token, vocabulary-major [V, B] float32, updated cache, routes
+        [L_moe, B, T, k] or None). The head is the product's left operand (V rows against a handful of
+        batch columns): on CPU that runs 1.3-1.5x faster than [B, D] x [D, V] at 8-32 rows."""
         out = qwen_jax.forward(self.config, params, ids, positions=positions, cache=cache, meta=meta,
                                dtype=self.dtype, rules=self.rules, attn_impl=self.attn_impl, return_hidden=True)
-        head = output_head(self.config, params).astype(self.dtype)
-        logits = jnp.einsum("BD,DV->BV", out.hidden[:, -1], head, preferred_element_type=jnp.float32)
+        head, axes = stored_output_head(self.config, params)
+        logits_VB = jnp.einsum(f"{axes},BD->VB", head.astype(self.dtype), out.hidden[:, -1],
+                               preferred_element_type=jnp.float32)
         routes = out.routes.astype(jnp.int16) if self.record_routes else None
-        return logits, out.cache, routes
+        return logits_VB, out.cache, routes
 
     @staticmethod
-    def _sample(logits_BV, penalty, rows, valid, rp, fast):
+    def _sample(logits_VB, penalty, rows, valid, rp, fast):
         """-> (tokens, chosen logprobs, top ids, top logprobs, penalty); `fast`: argmax only, state untouched."""
-        B = logits_BV.shape[0]
+        B = logits_VB.shape[1]
         if fast:
             empty = jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), jnp.zeros((B,), jnp.float32), *empty, penalty
+            return sampling.argmax_VB(logits_VB), jnp.zeros((B,), jnp.float32), *empty, penalty
+        logits_BV = logits_VB.T
         tokens, chosen, top_ids, top_lp = sampling.sample(logits_BV, rp, penalty["counts"][rows],
                                                           penalty["seen"][rows])
         counts = penalty["counts"].at[rows, tokens].add((valid & sampling.uses_penalties(rp)).astype(jnp.int32))
@@ -288,7 +293,7 @@ class ModelRunner:
                                  [len(s.output_ids) for s in seqs], B)
         self.cache, self.penalty, tokens, chosen, top_ids, top_lp, routes = self._step(
             self.params, self.cache, self.penalty, ids, positions, slots, tables, lengths, rows, valid,
-            rp, fast=False)  # a prefill's sampling is a small part of it: one program serves every request
+            rp, fast=self._fast(seqs))  # the sampler's branches more than double a prefill program's compile
         tokens, chosen, top_ids, top_lp, routes = jax.device_get((tokens, chosen, top_ids, top_lp, routes))
         if routes is not None and self.routes_pool is not None:
             filled = slots >= 0
@@ -355,14 +360,15 @@ class ModelRunner:
     def warmup_shapes(self, max_len: int) -> list[tuple[str, int, int]]:
         """The programs sequences up to `max_len` tokens meet, as (kind, rows, tokens or table width):
         ("decode", B, W) for greedy and for sampling windows at every row and table-width bucket, and
-        ("prefill", 1, T) for one prompt chunk at every token bucket."""
+        ("prefill", 1, T) for one prompt chunk at every token bucket, greedy and sampling."""
         bs = self.block_size
         rows = sorted({self.decode_rows(n) for n in range(1, self.max_num_seqs + 1)})
         widths = sorted({bucket(w, self.max_blocks) for w in range(1, cdiv(max_len, bs) + 1)})
         chunks = sorted({bucket(max(t, MIN_PREFILL_TOKENS)) for t in range(1, min(self.max_num_batched_tokens,
                                                                                    max_len - 1) + 1)})
         return ([("decode-greedy", b, w) for b in rows for w in widths]
-                + [("decode", b, w) for b in rows for w in widths] + [("prefill", 1, t) for t in chunks])
+                + [("decode", b, w) for b in rows for w in widths]
+                + [("prefill-greedy", 1, t) for t in chunks] + [("prefill", 1, t) for t in chunks])
 
     def compile_shape(self, kind: str, rows: int, n: int) -> None:
         """Compile (and run on padding: no cache slot is written) the program of one warmup_shapes entry."""
@@ -379,7 +385,8 @@ class ModelRunner:
             grid = np.zeros((B, n), np.int32)
             self.cache, self.penalty, *out = self._step(
                 self.params, self.cache, self.penalty, grid, grid, np.full((B, n), -1, np.int32),
-                np.zeros((B, W), np.int32), np.full(B, n, np.int32), zeros, np.zeros(B, bool), rp, fast=False)
+                np.zeros((B, W), np.int32), np.full(B, n, np.int32), zeros, np.zeros(B, bool), rp,
+                fast=kind == "prefill-greedy")
         jax.block_until_ready(out)
 
     def collect_routes(self, seq: Sequence) -> None:

@@ -113,3 +113,22 @@ def test_a_stop_string_is_one_stop_and_bad_values_are_request_errors():
             assert str(e).startswith("invalid sampling parameter: ") and any(f in str(e) for f in kw)
 
     check()
+
+
+def test_vocabulary_major_argmax_matches_argmax_ties_included():
+    """sampling.argmax_VB (the engine's greedy step over [V, B] logits) against jnp.argmax down the vocabulary:
+    vocabularies that split into blocks of 128, 64, 16 and that do not, with small integer logits so maxima tie
+    within and across blocks (the first index must win)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    argmax_VB = jax.jit(sampling.argmax_VB)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.sampled_from([12, 37, 256, 384, 1000, 1187 * 128, 64 * 3, 16 * 5]), st.integers(1, 33),
+           st.integers(0, 2**32 - 1))
+    def check(V, B, seed):
+        logits = np.random.default_rng(seed).integers(-3, 4, (V, B)).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(argmax_VB(jnp.asarray(logits))), logits.argmax(axis=0))
+
+    check()
