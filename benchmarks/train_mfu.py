@@ -6,7 +6,9 @@
 
 Each row: one jitted optimizer step (bf16 compute, fp32 master weights, AdamW, chunked cross-entropy),
 timed after compilation. On a CPU the shapes are scaled down (and the table says so): the CPU has no
-meaningful peak for MFU.
+meaningful peak for MFU. Every table also gives the compiled step's matmul FLOPs over the model FLOPs
+(train.metrics.flops_per_token): qwen_jax.hlo_flops counts every dot in the optimized program with each
+loop's trip count, so padding, recomputation (remat) and masked attention blocks show as a ratio above 1.
 
 --torch runs each model side by side with PyTorch: the transformers model loaded from the same weights,
 torch.optim.AdamW with the same hyper-parameters and clipping, the same batch, steps interleaved (ours,
@@ -30,6 +32,7 @@ import qwen_jax
 from benchmarks.common import markdown_table, record, time_fn
 from benchmarks.step_profile import CATEGORIES, split_cells, step_split
 from qwen_jax import ShardingRules, get_preset, make_mesh
+from qwen_jax.hlo_flops import matmul_flops
 from train.metrics import flops_per_token, peak_flops
 from train.config import TrainConfig
 from train.optim import make_optimizer
@@ -62,8 +65,19 @@ def model_config(name: str, cpu: bool):
     return cfg
 
 
+def flops_ratio(hlo_text: str, cfg, seq: int, tokens: int) -> str:
+    """The compiled step's matmul FLOPs (loops multiplied out, qwen_jax.hlo_flops) over the model FLOPs of
+    `tokens` tokens (train.metrics.flops_per_token): above 1 is work beyond the model's (padding, recompute,
+    masked attention blocks). Marked with '*' where some work could not be counted (a Pallas kernel, a loop
+    without a known trip count)."""
+    counted = matmul_flops(hlo_text)
+    partial = "*" if counted.unknown_loops or counted.opaque_calls else ""
+    return f"{counted.flops / (flops_per_token(cfg, seq) * tokens):.2f}{partial}"
+
+
 def torch_side_by_side(cfg, tc, state, step, batch_np, rules, iters: int):
-    """-> (our median s, torch median s, median of the paired ratios torch s / our s, our step's time split)
+    """-> (our median s, torch median s, median of the paired ratios torch s / our s, our step's time split,
+    our compiled step's HLO text)
     over interleaved steps from the same weights and batch. Each pair is one of our steps and the torch step
     right after it, so the ratio follows the machine's speed as it drifts."""
     import tempfile
@@ -113,8 +127,9 @@ def torch_side_by_side(cfg, tc, state, step, batch_np, rules, iters: int):
         t = time.perf_counter()
         theirs()
         b.append(time.perf_counter() - t)
-    split = step_split(ours, step.lower(holder["state"], batch).compile().as_text())
-    return float(np.median(a)), float(np.median(b)), float(np.median(np.array(b) / np.array(a))), split
+    hlo = step.lower(holder["state"], batch).compile().as_text()
+    split = step_split(ours, hlo)
+    return float(np.median(a)), float(np.median(b)), float(np.median(np.array(b) / np.array(a))), split, hlo
 
 
 def main(argv=None):
@@ -153,17 +168,19 @@ def main(argv=None):
             return m["loss"]
 
         seconds = time_fn(run, warmup=2, iters=args.iters)
-        split = step_split(lambda: jax.block_until_ready(run()), step.lower(holder["state"], batch).compile().as_text())
+        hlo = step.lower(holder["state"], batch).compile().as_text()
+        split = step_split(lambda: jax.block_until_ready(run()), hlo)
         tok_s = bs * seq / seconds
         fpt = flops_per_token(cfg, seq)
         mfu = tok_s * fpt / (peak * jax.device_count()) if peak else None
         mem = jax.devices()[0].memory_stats() or {}
         rows.append([name + (" (CPU-scaled)" if cpu else ""), f"{cfg.num_params(active=True) / 1e6:,.0f}M", seq, bs,
                      seconds * 1e3, tok_s, fpt * tok_s / 1e12, "n/a" if mfu is None else f"{mfu:.1%}",
+                     flops_ratio(hlo, cfg, seq, bs * seq),
                      f"{mem.get('peak_bytes_in_use', 0) / 2**30:.1f}" if mem else "n/a", *split_cells(split)])
         del state, params, holder["state"]
     table = markdown_table(["model", "active params", "seq", "batch", "step ms", "tokens/s", "TFLOP/s", "MFU",
-                            "peak GiB", *CATEGORIES], rows)
+                            "compiled / model FLOPs", "peak GiB", *CATEGORIES], rows)
     record("Training throughput (benchmarks/train_mfu.py)", table,
            notes=("CPU run with scaled-down shapes (hidden/8, 2 layers, vocab 8192): a smoke figure, not a target"
                   if cpu else f"bf16 compute, fp32 master weights, AdamW, remat={args.remat}; MFU over "
@@ -190,11 +207,11 @@ def main_torch(args, cpu: bool):
         rng = np.random.default_rng(0)
         batch = {"tokens": rng.integers(0, cfg.vocab_size, (1, bs, seq + 1)).astype(np.int32),
                  "segment_ids": np.ones((1, bs, seq + 1), np.int32)}
-        ours, theirs, ratio, split = torch_side_by_side(cfg, tc, state, step, batch, rules, args.iters)
+        ours, theirs, ratio, split, hlo = torch_side_by_side(cfg, tc, state, step, batch, rules, args.iters)
         rows.append([name, f"{cfg.num_params(active=True) / 1e6:,.0f}M", f"{bs} x {seq}", bs * seq / ours,
-                     bs * seq / theirs, f"{ratio:.2f}x", *split_cells(split)])
+                     bs * seq / theirs, f"{ratio:.2f}x", flops_ratio(hlo, cfg, seq, bs * seq), *split_cells(split)])
     table = markdown_table(["model", "active params", "batch", "qwen-jax tok/s", "torch eager tok/s", "ratio",
-                            *(f"ours: {c}" for c in CATEGORIES)], rows)
+                            "ours: compiled / model FLOPs", *(f"ours: {c}" for c in CATEGORIES)], rows)
     record("Training step side by side with PyTorch (benchmarks/train_mfu.py --torch)", table,
            notes=f"fp32, AdamW + clipping on both; the same weights and batch; {args.iters} interleaved steps each, "
                  f"medians; ratio: median of the paired ratios; torch {torch.__version__} eager (transformers' MoE uses its grouped_mm path); "
