@@ -16,9 +16,11 @@ Decoding runs in multi-step windows (`decode`): one jitted call runs up to `deco
 budget, and is read back once. Each step is the same computation as a one-step call (same sampler key,
 same penalty counts), so the tokens are identical to stepping one at a time.
 
-The sampler has a greedy fast path (`fast`, static), for prefill steps and decode windows: when no row
-samples, uses penalties or asks for logprobs, a step is a plain argmax and the penalty state is left
-untouched. Its programs compile in well under half the time of the full sampler's.
+The sampler has a greedy fast path (`fast`, static): when no row samples, uses penalties or asks for
+logprobs, a step is a plain argmax and the penalty state is left untouched. Decode windows take it
+whenever they can; a prefill step takes it unless the full sampler's program for its shape is already
+built (`_prefill_fast`: the fast program compiles in a third of the time, and one step's sampling costs
+little to run).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class ModelRunner:
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2), static_argnames=("fast",))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2), static_argnames=("fast",))
         self._reset_slot = jax.jit(self._reset_slot_impl, donate_argnums=(0,))
+        self._prefill_programs: set[tuple[tuple[int, int, int], bool]] = set()  # (shape, fast) dispatched
         self._init_penalty()
         if num_blocks is None:
             num_blocks = self._size_pool(max_model_len, max_num_batched_tokens, memory_fraction, kv_cache_gb)
@@ -259,6 +262,17 @@ class ModelRunner:
         return all(s.params.temperature == 0 and not s.params.uses_penalties and s.params.logprobs is None
                    for s in seqs)
 
+    def _prefill_fast(self, seqs: list[Sequence], shape: tuple[int, int, int]) -> bool:
+        """Whether a prefill step of `shape` (rows, tokens, table width) takes the greedy fast path: when every
+        row allows it, unless only the full sampler's program for that shape has been built. The full
+        sampler's branches triple a prefill program's compile time, while one step's sampling is a small part
+        of its run time, so each shape compiles one variant where it can."""
+        fast = self._fast(seqs)
+        if fast and (shape, False) in self._prefill_programs and (shape, True) not in self._prefill_programs:
+            fast = False
+        self._prefill_programs.add((shape, fast))
+        return fast
+
     def _table_array(self, seqs: list[Sequence], B: int) -> np.ndarray:
         W = bucket(max(len(s.block_table) for s in seqs), self.max_blocks)
         tables = np.zeros((B, W), np.int32)
@@ -293,7 +307,7 @@ class ModelRunner:
                                  [len(s.output_ids) for s in seqs], B)
         self.cache, self.penalty, tokens, chosen, top_ids, top_lp, routes = self._step(
             self.params, self.cache, self.penalty, ids, positions, slots, tables, lengths, rows, valid,
-            rp, fast=self._fast(seqs))  # the sampler's branches more than double a prefill program's compile
+            rp, fast=self._prefill_fast(seqs, (B, T, tables.shape[1])))
         tokens, chosen, top_ids, top_lp, routes = jax.device_get((tokens, chosen, top_ids, top_lp, routes))
         if routes is not None and self.routes_pool is not None:
             filled = slots >= 0
@@ -360,15 +374,15 @@ class ModelRunner:
     def warmup_shapes(self, max_len: int) -> list[tuple[str, int, int]]:
         """The programs sequences up to `max_len` tokens meet, as (kind, rows, tokens or table width):
         ("decode", B, W) for greedy and for sampling windows at every row and table-width bucket, and
-        ("prefill", 1, T) for one prompt chunk at every token bucket, greedy and sampling."""
+        ("prefill", 1, T) for one prompt chunk at every token bucket (the full sampler's program, which
+        serves greedy batches too: `_prefill_fast`)."""
         bs = self.block_size
         rows = sorted({self.decode_rows(n) for n in range(1, self.max_num_seqs + 1)})
         widths = sorted({bucket(w, self.max_blocks) for w in range(1, cdiv(max_len, bs) + 1)})
         chunks = sorted({bucket(max(t, MIN_PREFILL_TOKENS)) for t in range(1, min(self.max_num_batched_tokens,
                                                                                    max_len - 1) + 1)})
         return ([("decode-greedy", b, w) for b in rows for w in widths]
-                + [("decode", b, w) for b in rows for w in widths]
-                + [("prefill-greedy", 1, t) for t in chunks] + [("prefill", 1, t) for t in chunks])
+                + [("decode", b, w) for b in rows for w in widths] + [("prefill", 1, t) for t in chunks])
 
     def compile_shape(self, kind: str, rows: int, n: int) -> None:
         """Compile (and run on padding: no cache slot is written) the program of one warmup_shapes entry."""
@@ -385,8 +399,8 @@ class ModelRunner:
             grid = np.zeros((B, n), np.int32)
             self.cache, self.penalty, *out = self._step(
                 self.params, self.cache, self.penalty, grid, grid, np.full((B, n), -1, np.int32),
-                np.zeros((B, W), np.int32), np.full(B, n, np.int32), zeros, np.zeros(B, bool), rp,
-                fast=kind == "prefill-greedy")
+                np.zeros((B, W), np.int32), np.full(B, n, np.int32), zeros, np.zeros(B, bool), rp, fast=False)
+            self._prefill_programs.add(((B, n, W), False))
         jax.block_until_ready(out)
 
     def collect_routes(self, seq: Sequence) -> None:

@@ -205,6 +205,31 @@ def test_a_fixed_workload_compiles_at_most_eight_programs(dense_dir):
     assert sum(compiled.values()) <= 8, compiled
 
 
+def test_a_prefill_shape_compiles_one_sampler_variant_where_it_can(dense_dir, rng):
+    """Greedy prefill steps take the argmax program unless the full sampler's program for their shape is
+    already built; a sampled step always needs the full one. Greedy tokens are the same either way. (Fresh
+    prompts of one length each time: a repeated one would hit the prefix cache and change the shape.)"""
+    _, path = dense_dir
+    p, q, r, u = _prompts(rng, [20] * 4)
+    greedy, sampled = SamplingParams(temperature=0, max_tokens=3), SamplingParams(temperature=1, seed=3, max_tokens=3)
+
+    def prefills(llm, prompt, params):
+        with Compilations() as built:
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+        return built.count("_step_impl"), out.token_ids
+
+    llm = LLM(path, max_model_len=64, num_kv_blocks=16, compilation_cache=False)
+    assert prefills(llm, q, sampled)[0] == 1
+    built, tokens = prefills(llm, p, greedy)
+    assert built == 0  # the sampled step's program serves the greedy one
+    llm.shutdown()
+    llm = LLM(path, max_model_len=64, num_kv_blocks=16, compilation_cache=False)
+    assert prefills(llm, p, greedy) == (1, tokens)  # its own argmax program, the same tokens
+    assert prefills(llm, r, sampled)[0] == 1  # sampling needs the full one
+    assert prefills(llm, u, greedy)[0] == 0
+    llm.shutdown()
+
+
 def test_warmup_compiles_every_decode_program_a_workload_meets(dense_dir, rng, capsys):
     """After LLM(warmup=True), requests of up to max_model_len tokens (greedy and sampled, any batch) compile
     no decode program; the warm-up shows a progress bar."""
