@@ -82,13 +82,21 @@ def _dot_flops(result_shape: str, lhs_dims: list[int], contracting: list[int]) -
 
 
 def _backend_config(tail: str) -> dict:
-    m = re.search(r"backend_config=(\{.*\})\s*(?:,\s*\w+=|$)", tail)
-    if not m:
+    """The instruction's backend_config JSON object ({} if none or unreadable): its braces are balanced, so
+    it is read up to the brace that closes it, whatever attributes follow."""
+    start = tail.find("backend_config={")
+    if start < 0:
         return {}
-    try:
-        return json.loads(m.group(1))
-    except json.JSONDecodeError:
-        return {}
+    start += len("backend_config=")
+    depth = 0
+    for end, ch in enumerate(tail[start:], start):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth == 0:
+            try:
+                return json.loads(tail[start:end + 1])
+            except json.JSONDecodeError:
+                return {}
+    return {}
 
 
 def matmul_flops(hlo_text: str) -> MatmulFlops:
@@ -133,11 +141,11 @@ def matmul_flops(hlo_text: str) -> MatmulFlops:
             elif op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', tail)
                 target = target.group(1) if target else "?"
-                if target in _CUBLAS:
-                    numbers = _backend_config(tail).get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
+                numbers = _backend_config(tail).get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
+                if target in _CUBLAS and numbers.get("lhs_contracting_dimensions"):
                     lhs = _operands(tail)[0]
                     lhs_shape = lhs if "[" in lhs.split("%")[0] else shapes.get(lhs.lstrip("%"), "")
-                    contracting = [int(d) for d in numbers.get("lhs_contracting_dimensions", [])]
+                    contracting = [int(d) for d in numbers["lhs_contracting_dimensions"]]
                     total += _dot_flops(shape, _dims(lhs_shape), contracting)
                 elif _KERNEL.search(target):
                     result.opaque_calls.add(target)

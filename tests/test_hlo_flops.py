@@ -89,7 +89,7 @@ def test_gpu_gemm_custom_calls_count_and_kernels_are_named():
   %p = (s32[], f32[16,32]{1,0}) parameter(0)
   %a = f32[16,32]{1,0} get-tuple-element(%p), index=1
   %w = f32[32,32]{1,0} constant({...})
-  %g = (f32[16,32]{1,0}, s8[1024]{0}) custom-call(%a, %w), custom_call_target="__cublas$gemm", backend_config={"operation_queue_id":"0","gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"beta":0}}
+  %g = (f32[16,32]{1,0}, s8[1024]{0}) custom-call(%a, %w), custom_call_target="__cublas$gemm", backend_config={"operation_queue_id":"0","gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"beta":0}}, metadata={op_name="jit(f)/dot_general"}
   ROOT %t = (s32[], f32[16,32]{1,0}) tuple(%i, %a)
 }
 
