@@ -72,6 +72,12 @@ def _operands(tail: str) -> list[str]:
     return out + ([cur.strip()] if cur.strip() else [])
 
 
+def _lhs_dims(tail: str, shapes: dict[str, str]) -> list[int]:
+    """The first operand's dimensions: printed inline ('f32[4,8]{1,0} %a') or its defining instruction's."""
+    lhs = _operands(tail)[0]
+    return _dims(lhs if "[" in lhs.split("%")[0] else shapes.get(lhs.lstrip("%"), ""))
+
+
 def _attr_list(tail: str, name: str) -> list[int]:
     m = re.search(name + r"=\{([\d,]*)\}", tail)
     return [int(d) for d in m.group(1).split(",") if d] if m else []
@@ -135,18 +141,14 @@ def matmul_flops(hlo_text: str) -> MatmulFlops:
         for _, shape, tail in computations.get(name, []):
             op = tail.split("(", 1)[0].strip()
             if op == "dot":
-                lhs = _operands(tail)[0]
-                lhs_shape = lhs if "[" in lhs.split("%")[0] else shapes.get(lhs.lstrip("%"), "")
-                total += _dot_flops(shape, _dims(lhs_shape), _attr_list(tail, "lhs_contracting_dims"))
+                total += _dot_flops(shape, _lhs_dims(tail, shapes), _attr_list(tail, "lhs_contracting_dims"))
             elif op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', tail)
                 target = target.group(1) if target else "?"
                 numbers = _backend_config(tail).get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
                 if target in _CUBLAS and numbers.get("lhs_contracting_dimensions"):
-                    lhs = _operands(tail)[0]
-                    lhs_shape = lhs if "[" in lhs.split("%")[0] else shapes.get(lhs.lstrip("%"), "")
                     contracting = [int(d) for d in numbers["lhs_contracting_dimensions"]]
-                    total += _dot_flops(shape, _dims(lhs_shape), contracting)
+                    total += _dot_flops(shape, _lhs_dims(tail, shapes), contracting)
                 elif _KERNEL.search(target):
                     result.opaque_calls.add(target)
             elif op == "while":

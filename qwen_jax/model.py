@@ -336,12 +336,6 @@ class Qwen3(nn.Module):
         )
 
 
-def output_head(config: Qwen3Config, params) -> jax.Array:
-    """The output projection [D, V]: the transposed embedding when tied."""
-    head, axes = stored_output_head(config, params)
-    return head.T if axes == "VD" else head
-
-
 def stored_output_head(config: Qwen3Config, params) -> tuple[jax.Array, str]:
     """The output projection as stored, with its axes: (embed [V, D], "VD") when tied, else (lm_head [D, V],
     "DV"). Products written for either layout spare a transposed copy of a [V, D] matrix."""
