@@ -103,7 +103,7 @@ def workload_rows(name, d, cfg, args, cpu, n, lo, hi, prefill_len, seqs):
     rng = np.random.default_rng(0)
     lens = [int(k) for k in rng.integers(lo, hi + 1, n)]
     out_lens = [int(k) for k in rng.integers(lo, hi + 1, n)]
-    prompt_sets = [[rng.integers(10, cfg.vocab_size, k).tolist() for k in lens] for _ in range(2)]
+    prompt_sets = [[rng.integers(10, cfg.vocab_size, k).tolist() for k in lens] for _ in range(3)]
     params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in out_lens]
     max_len = max(2 * hi + 8, prefill_len + 16)
     llm = LLM(d, max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=max(prefill_len, 2048),
@@ -113,8 +113,12 @@ def workload_rows(name, d, cfg, args, cpu, n, lo, hi, prefill_len, seqs):
         outs = llm.generate(prompt_sets[0], params, use_tqdm=False)
     cold = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
     programs = built.count("_step_impl", "_decode_impl")
+    # warm: every step on its own program (a cold engine runs some on larger ones until they pay: see
+    # infer/programs.py), built by an untimed call that builds them all at once
+    llm.engine.runner.programs.patience = 0
+    llm.generate(prompt_sets[1], params, use_tqdm=False)
     t = time.perf_counter()  # new prompts, same lengths: the same shapes, no prefix-cache hit
-    outs = llm.generate(prompt_sets[1], params, use_tqdm=False)
+    outs = llm.generate(prompt_sets[2], params, use_tqdm=False)
     warm = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
     dec = SamplingParams(temperature=0, max_tokens=128 if not cpu else 64, ignore_eos=True)
     llm.generate([rng.integers(10, cfg.vocab_size, 32).tolist()], dec, use_tqdm=False)
@@ -131,8 +135,8 @@ def workload_rows(name, d, cfg, args, cpu, n, lo, hi, prefill_len, seqs):
     padded = continuous = None
     if not args.no_hf:
         model, dev = _hf_model(d, cpu)
-        padded = hf_padded(model, dev, prompt_sets[1], out_lens)
-        continuous = hf_continuous(model, prompt_sets[1], out_lens)
+        padded = hf_padded(model, dev, prompt_sets[2], out_lens)
+        continuous = hf_continuous(model, prompt_sets[2], out_lens)
         del model
     best = max(padded or 0, continuous or 0)
     ratio = (lambda x: f"{x / best:.2f}x") if best else (lambda x: "n/a")
@@ -238,7 +242,8 @@ def main(argv=None):
                                     f"prefill tok/s @ {prefill_len}"], rows)
             record("Inference throughput (benchmarks/throughput.py)", table,
                    notes=(f"random weights, greedy, EOS ignored, decode_steps={args.decode_steps}; cold = first "
-                          f"generate of a fresh engine without a compilation cache; "
+                          f"generate of a fresh engine without a compilation cache (programs compiled: in that "
+                          f"call); warm = every step on its own program, after a call that built them all; "
                           + ("CPU: fp32, Qwen3 vocabulary, hidden 512, 8 layers" if cpu else "bf16")))
         if "host" not in skip:
             table = markdown_table(["decode steps per round trip", "overlap", "decode steps", "steps/s",

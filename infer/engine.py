@@ -394,12 +394,13 @@ class Engine:
         """Overlap: while `window` runs, dispatch the window after it for the same sequences (assuming each
         takes its whole budget; the device skips rows that stopped), so the host's reading of one window
         runs beside the device's next. Only when nothing else waits (no request to admit, no command), the
-        free blocks hold it, and the sequences left would not fit a smaller row bucket (a finished row is
-        still computed); None otherwise."""
+        free blocks hold it, and the sequences left would not run on fewer rows (a finished row is still
+        computed); None otherwise."""
         if not self.overlap or self.scheduler.waiting or not self._commands.empty():
             return None
         budgets = self.scheduler.plan_next_window(window.seqs, window.budgets, self.runner.decode_steps,
-                                                  self.runner.decode_rows)
+                                                  lambda n: self.runner.window_rows(n, window),
+                                                  window.used.dims[0])
         if budgets is None:
             return None
         self.counters["windows_overlapped"] += 1

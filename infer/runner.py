@@ -17,15 +17,17 @@ budget, and is read back once. Each step is the same computation as a one-step c
 same penalty counts), so the tokens are identical to stepping one at a time.
 
 The sampler has a greedy fast path (`fast`, static): when no row samples, uses penalties or asks for
-logprobs, a step is a plain argmax and the penalty state is left untouched. Decode windows take it
-whenever they can; a prefill step takes it unless the full sampler's program for its shape is already
-built (`_prefill_fast`: the fast program compiles in a third of the time, and one step's sampling costs
-little to run).
+logprobs, a step is a plain argmax and the penalty state is left untouched.
+
+Which program runs a step is `programs.Programs`' choice: the step's own bucket, or a larger program
+already built until the padding it wastes has cost what a build costs. The runner measures both (the
+dispatch that builds a program; a step's run until its results are read).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import jax
@@ -35,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import qwen_jax
 from infer import sampling
+from infer.programs import Programs, Shape
 from infer.sampling import SamplingParams
 from infer.sequence import Sequence
 from qwen_jax.config import Qwen3Config
@@ -73,6 +76,9 @@ class Window(NamedTuple):
     positions: np.ndarray  # [B] each row's first position
     tables: np.ndarray  # [B, W] block tables
     out: dict  # device arrays (see _decode_impl)
+    own: Shape  # the window's own program
+    used: Shape  # the program it runs on
+    dispatched: float  # perf_counter() when its dispatch returned
 
 
 def device_memory_stats() -> dict | None:
@@ -103,7 +109,9 @@ class ModelRunner:
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2), static_argnames=("fast",))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2), static_argnames=("fast",))
         self._reset_slot = jax.jit(self._reset_slot_impl, donate_argnums=(0,))
-        self._prefill_programs: set[tuple[tuple[int, int, int], bool]] = set()  # (shape, fast) dispatched
+        self.programs = Programs()
+        self._idle_since = 0.0  # perf_counter() when the last step's results were read
+        self._last_build = 0.0  # perf_counter() when the last program build ended
         self._init_penalty()
         if num_blocks is None:
             num_blocks = self._size_pool(max_model_len, max_num_batched_tokens, memory_fraction, kv_cache_gb)
@@ -262,19 +270,10 @@ class ModelRunner:
         return all(s.params.temperature == 0 and not s.params.uses_penalties and s.params.logprobs is None
                    for s in seqs)
 
-    def _prefill_fast(self, seqs: list[Sequence], shape: tuple[int, int, int]) -> bool:
-        """Whether a prefill step of `shape` (rows, tokens, table width) takes the greedy fast path: when every
-        row allows it, unless only the full sampler's program for that shape has been built. The full
-        sampler's branches triple a prefill program's compile time, while one step's sampling is a small part
-        of its run time, so each shape compiles one variant where it can."""
-        fast = self._fast(seqs)
-        if fast and (shape, False) in self._prefill_programs and (shape, True) not in self._prefill_programs:
-            fast = False
-        self._prefill_programs.add((shape, fast))
-        return fast
+    def _table_width(self, seqs: list[Sequence]) -> int:
+        return bucket(max(len(s.block_table) for s in seqs), self.max_blocks)
 
-    def _table_array(self, seqs: list[Sequence], B: int) -> np.ndarray:
-        W = bucket(max(len(s.block_table) for s in seqs), self.max_blocks)
+    def _table_array(self, seqs: list[Sequence], B: int, W: int) -> np.ndarray:
         tables = np.zeros((B, W), np.int32)
         for r, seq in enumerate(seqs):
             tables[r, :len(seq.block_table)] = seq.block_table
@@ -285,10 +284,12 @@ class ModelRunner:
         `valid[r]`: row r reached its sequence's end, so its sample is a new token."""
         n = len(batch)
         seqs = [s for s, _ in batch]
-        B = bucket(n, self.max_num_seqs)
-        rows = self._prepare_rows(seqs, B)
         T = bucket(max(max(k for _, k in batch), MIN_PREFILL_TOKENS))
-        tables = self._table_array(seqs, B)
+        own = Shape("prefill", (bucket(n, self.max_num_seqs), T, self._table_width(seqs)), self._fast(seqs))
+        used = self.programs.choose(own)
+        B, T, W = used.dims
+        rows = self._prepare_rows(seqs, B)
+        tables = self._table_array(seqs, B, W)
         bs = self.block_size
         ids = np.zeros((B, T), np.int32)
         positions = np.zeros((B, T), np.int32)
@@ -305,14 +306,28 @@ class ModelRunner:
             valid[r] = start + k == len(seq)  # this step reaches the end: its sample is kept
         rp = sampling.row_params([s.params for s in seqs], [s.seed for s in seqs],
                                  [len(s.output_ids) for s in seqs], B)
+        t0 = time.perf_counter()
         self.cache, self.penalty, tokens, chosen, top_ids, top_lp, routes = self._step(
             self.params, self.cache, self.penalty, ids, positions, slots, tables, lengths, rows, valid,
-            rp, fast=self._prefill_fast(seqs, (B, T, tables.shape[1])))
+            rp, fast=used.fast)
+        start = self._built(used, t0)
         tokens, chosen, top_ids, top_lp, routes = jax.device_get((tokens, chosen, top_ids, top_lp, routes))
+        self._idle_since = time.perf_counter()
+        self.programs.record_run(own, used, self._idle_since - start)
         if routes is not None and self.routes_pool is not None:
             filled = slots >= 0
             self.routes_pool[slots[filled]] = np.moveaxis(routes, 0, 2)[filled]  # [tokens, L_moe, k]
         return tokens[:n], chosen[:n], top_ids[:n], top_lp[:n], valid[:n]
+
+    def _built(self, used: Shape, t0: float) -> float:
+        """After dispatching `used` (started at t0): record its build if this dispatch built it (the
+        dispatch then took the trace, lowering and compile) -> when its run started."""
+        t1 = time.perf_counter()
+        if used in self.programs.built:
+            return t0
+        self.programs.record_build(used, t1 - t0)
+        self._last_build = t1
+        return t1
 
     def _on_device(self, *arrays: np.ndarray) -> list[jax.Array]:
         """Per-row window inputs placed as a window's outputs are (replicated), so a window that starts from
@@ -327,9 +342,12 @@ class ModelRunner:
         with the same sequences, each assumed to take its whole budget there; its last tokens, and which rows
         met a stop token, are read on device."""
         n = len(seqs)
-        B = self.decode_rows(n)
+        live = sum(b > 0 for b in budgets)  # a continuing window keeps rows that finished in the one before
+        own = Shape("decode", (self.decode_rows(live), self._table_width(seqs)), self._fast(seqs))
+        used = self.programs.choose(own, rows=None if after is None else after.used.dims[0], steps=max(budgets))
+        B, W = used.dims
         rows = self._prepare_rows(seqs, B)
-        tables = self._table_array(seqs, B)
+        tables = self._table_array(seqs, B, W)
         ahead = np.zeros(B, np.int32)  # tokens the window in flight adds first
         if after is not None:
             ahead[:n] = after.budgets
@@ -350,17 +368,26 @@ class ModelRunner:
             tokens, halted = after.out["last"], after.out["halted"]
         rp = sampling.row_params([s.params for s in seqs], [s.seed for s in seqs],
                                  [len(s.output_ids) + int(a) for s, a in zip(seqs, ahead)], B)
+        t0 = time.perf_counter()
         self.cache, self.penalty, out = self._decode(
             self.params, self.cache, self.penalty, tokens, halted, positions, tables, rows, budget, stops,
-            np.int32(max(budgets)), rp, fast=self._fast(seqs))
-        return Window(seqs, list(budgets), stop_ids, positions, tables, out)
+            np.int32(max(budgets)), rp, fast=used.fast)
+        return Window(seqs, list(budgets), stop_ids, positions, tables, out, own, used, self._built(used, t0))
+
+    def window_rows(self, n: int, w: Window) -> int:
+        """The rows a fresh window for n of `w`'s sequences would take (at w's table width and variant)."""
+        return self.programs.choose(Shape("decode", (self.decode_rows(n), w.used.dims[1]), w.used.fast)).dims[0]
 
     def collect(self, w: "Window"):
         """Wait for a window -> (tokens, chosen logprobs, top ids, top logprobs, valid), numpy, each
         [steps run, n, ...]; with routes recorded, they go to the routes pool."""
         n = len(w.seqs)
         out = jax.device_get({k: v for k, v in w.out.items() if k not in ("last", "halted")})
+        end = time.perf_counter()  # the device ran this window since it was dispatched or the last read
         steps = int(out["valid"].any(axis=1).sum())
+        if self._last_build < w.dispatched:  # (a window that ran beside a build has no time of its own)
+            self.programs.record_run(w.own, w.used, end - max(w.dispatched, self._idle_since), steps)
+        self._idle_since = end
         if self.routes_pool is not None:
             bs = self.block_size
             for i in range(steps):
@@ -375,7 +402,7 @@ class ModelRunner:
         """The programs sequences up to `max_len` tokens meet, as (kind, rows, tokens or table width):
         ("decode", B, W) for greedy and for sampling windows at every row and table-width bucket, and
         ("prefill", 1, T) for one prompt chunk at every token bucket (the full sampler's program, which
-        serves greedy batches too: `_prefill_fast`)."""
+        serves greedy batches too: `programs.Shape.covers`)."""
         bs = self.block_size
         rows = sorted({self.decode_rows(n) for n in range(1, self.max_num_seqs + 1)})
         widths = sorted({bucket(w, self.max_blocks) for w in range(1, cdiv(max_len, bs) + 1)})
@@ -389,18 +416,21 @@ class ModelRunner:
         B = rows
         rp = sampling.row_params([], [], [], B)
         zeros = np.zeros(B, np.int32)
+        t0 = time.perf_counter()
         if kind.startswith("decode"):
+            shape = Shape("decode", (B, n), kind == "decode-greedy")
             self.cache, self.penalty, out = self._decode(
                 self.params, self.cache, self.penalty, *self._on_device(zeros, np.zeros(B, bool)), zeros,
                 np.zeros((B, n), np.int32), zeros, zeros, np.full((B, 4), -1, np.int32), np.int32(0), rp,
-                fast=kind == "decode-greedy")
+                fast=shape.fast)
         else:
             W = bucket(cdiv(n, self.block_size), self.max_blocks)
+            shape = Shape("prefill", (B, n, W), False)
             grid = np.zeros((B, n), np.int32)
             self.cache, self.penalty, *out = self._step(
                 self.params, self.cache, self.penalty, grid, grid, np.full((B, n), -1, np.int32),
                 np.zeros((B, W), np.int32), np.full(B, n, np.int32), zeros, np.zeros(B, bool), rp, fast=False)
-            self._prefill_programs.add(((B, n, W), False))
+        self._built(shape, t0)
         jax.block_until_ready(out)
 
     def collect_routes(self, seq: Sequence) -> None:

@@ -205,6 +205,34 @@ def test_a_fixed_workload_compiles_at_most_eight_programs(dense_dir):
     assert sum(compiled.values()) <= 8, compiled
 
 
+def test_a_shrinking_batch_runs_on_a_built_program_with_the_same_tokens(dense_dir, rng):
+    """A batch that shrinks from 12 rows to 1 either builds each row bucket's own decode program (patience 0)
+    or runs on the 12-row program and charges the smaller buckets for the padding (patience infinity): the same
+    tokens and logprobs either way, sampled rows included. Output lengths differ, so the batch shrinks."""
+    _, path = dense_dir
+    prompts = _prompts(rng, rng.integers(4, 20, 12).tolist())
+    params = [SamplingParams(temperature=0 if i % 3 else 0.8, seed=i, max_tokens=int(m), ignore_eos=True,
+                             logprobs=1 if i % 3 == 0 else None)
+              for i, m in enumerate(rng.integers(2, 40, 12))]
+    results = {}
+    for patience in (0, float("inf")):
+        llm = LLM(path, max_model_len=64, max_num_seqs=12, num_kv_blocks=80, compilation_cache=False)
+        programs = llm.engine.runner.programs
+        programs.patience = patience
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        decode = {s for s in programs.built if s.kind == "decode"}
+        results[patience] = outs, decode, dict(programs.waste)
+        llm.shutdown()
+    (eager, eager_built, _), (patient, patient_built, waste) = results.values()
+    assert {s.dims[0] for s in patient_built} == {12} and len(eager_built) > len(patient_built)
+    assert any(s.kind == "decode" and s.dims[0] < 12 for s in waste)  # charged (by measured time) for its padding
+    for x, y in zip(eager, patient):
+        assert x.token_ids == y.token_ids
+        if x.logprobs is not None:
+            for lx, ly in zip(x.logprobs, y.logprobs):
+                assert list(lx) == list(ly) and np.allclose(list(lx.values()), list(ly.values()), atol=1e-5)
+
+
 def test_a_prefill_shape_compiles_one_sampler_variant_where_it_can(dense_dir, rng):
     """Greedy prefill steps take the argmax program unless the full sampler's program for their shape is
     already built; a sampled step always needs the full one. Greedy tokens are the same either way. (Fresh
