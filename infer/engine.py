@@ -303,12 +303,15 @@ class Engine:
             raise RuntimeError(self.error or f"the engine did not take the new parameters within {timeout} s")
 
     def stats(self) -> dict:
-        """A snapshot for metrics: requests running / waiting, KV usage, cumulative counters."""
+        """A snapshot for metrics: requests running / waiting, KV usage, cumulative counters (the programs
+        built, and the seconds their builds took, included)."""
         s, bm = self.scheduler, self.scheduler.block_manager
         running = len({q.request_id for q in list(s.running)})
+        builds = list(self.runner.programs.built.values())  # (one call: safe beside the loop thread)
         return {"running": running, "waiting": max(self._pending - running, 0), "kv_usage": bm.usage,
                 "num_blocks": bm.num_blocks, "free_blocks": bm.num_free, "preemptions": s.num_preemptions,
-                "prefix_cache_queries": bm.cache_queries, "prefix_cache_hits": bm.cache_hits, **self.counters}
+                "prefix_cache_queries": bm.cache_queries, "prefix_cache_hits": bm.cache_hits,
+                "programs_built": len(builds), "program_build_seconds": sum(builds), **self.counters}
 
     def next_done(self, notify: queue.SimpleQueue) -> str:
         """The id of the next request to end among those added with `notify`; RuntimeError if the loop died."""

@@ -6,6 +6,7 @@ at scrape time, and latency histograms observed per request.
     qwen_jax_prompt_tokens_total, _generation_tokens_total
     qwen_jax_num_preemptions_total
     qwen_jax_prefix_cache_queries_total, _hits_total   (in blocks; hit rate = hits / queries)
+    qwen_jax_programs_built_total, qwen_jax_program_build_seconds_total   (compiled or loaded from the cache)
     qwen_jax_request_success_total{finish_reason}
     qwen_jax_time_to_first_token_seconds, _inter_token_latency_seconds, _e2e_request_latency_seconds
 """
@@ -39,7 +40,10 @@ class _EngineCollector:
                                ("generation_tokens", "generation_tokens", "Tokens generated."),
                                ("preemptions", "num_preemptions", "Requests preempted (recomputed later)."),
                                ("prefix_cache_queries", "prefix_cache_queries", "Prompt blocks looked up."),
-                               ("prefix_cache_hits", "prefix_cache_hits", "Prompt blocks found in the cache.")):
+                               ("prefix_cache_hits", "prefix_cache_hits", "Prompt blocks found in the cache."),
+                               ("programs_built", "programs_built", "Step programs built (compiled or loaded)."),
+                               ("program_build_seconds", "program_build_seconds",
+                                "Seconds the engine stopped to build step programs.")):
             yield CounterMetricFamily(P + name, doc, value=s[key])
 
 

@@ -83,7 +83,7 @@ class Programs:
             return need
         best = min(fits, key=lambda s: (s.volume(), s.fast != own.fast))
         expected = self._wasted(own, best, steps * self.step_time.get(best, 0.0))
-        if rows is None and self.waste[own] + expected >= self.price(own):
+        if rows is None and self.waste.get(own, 0.0) + expected >= self.price(own):
             return need
         return best
 

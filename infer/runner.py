@@ -26,6 +26,7 @@ dispatch that builds a program; a step's run until its results are read).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import NamedTuple
@@ -45,6 +46,8 @@ from qwen_jax.errors import ConfigError
 from qwen_jax.model import AttentionMeta, stored_output_head
 from qwen_jax.sharding import ShardingRules
 from kernels.util import cdiv
+
+log = logging.getLogger("infer.runner")
 
 CACHE_AXES = ("layers", "cache_blocks", None, "cache_kv_heads", "head_dim")
 # Decode windows pad to at least this many rows: a decode step reads every weight whatever the batch, so 8
@@ -327,6 +330,8 @@ class ModelRunner:
             return t0
         self.programs.record_build(used, t1 - t0)
         self._last_build = t1
+        log.info("built the %s program %s%s in %.2f s", used.kind, "x".join(map(str, used.dims)),
+                 " (greedy)" if used.fast else "", t1 - t0)
         return t1
 
     def _on_device(self, *arrays: np.ndarray) -> list[jax.Array]:

@@ -190,9 +190,10 @@ def test_multi_step_decode_gives_the_single_step_outputs(rng):
 
 def test_a_fixed_workload_compiles_at_most_eight_programs(dense_dir):
     """The issue-16 workload (32 greedy requests, prompt and output lengths uniform in [16, 128), all sent at
-    once): 3 prefill and 5 decode programs (decode rows 8, 12, 16, 24, 32). It compiled 10 step programs
-    before decode windows, row and token minimums and one sampler program per prefill; a change that adds
-    shape variants fails here."""
+    once): with every step on its own program, 3 prefill and 5 decode programs (decode rows 8, 12, 16, 24,
+    32); fewer when a shrinking batch stays on a built program (infer/programs.py: how many depends on
+    measured times). It compiled 10 step programs before decode windows, row and token minimums and one
+    sampler program per prefill; a change that adds shape variants fails here."""
     _, path = dense_dir
     rng = np.random.default_rng(0)  # a fixed workload: the count depends on its lengths
     prompts = _prompts(rng, rng.integers(16, 128, 32).tolist())

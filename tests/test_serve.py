@@ -180,6 +180,7 @@ def test_disconnected_client_gives_its_blocks_back(server):
             break
         time.sleep(0.2)
     assert m["qwen_jax_num_requests_running"] == 0 and m["qwen_jax_kv_cache_usage_perc"] == 0
+    assert m["qwen_jax_programs_built_total"] >= 2 and m["qwen_jax_program_build_seconds_total"] > 0  # prefill, decode
     aborted = m.get('qwen_jax_request_success_total{finish_reason="abort"}', 0)
     assert m["qwen_jax_generation_tokens_total"] - before["qwen_jax_generation_tokens_total"] < 200 or aborted
 
