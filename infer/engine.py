@@ -391,7 +391,7 @@ class Engine:
         seqs = [seq for seq, _ in batch]
         stops = [tuple(sorted(set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)))
                  for s in seqs]
-        self._window = self.runner.decode(seqs, budgets, stops)
+        self._window = self.runner.decode(seqs, budgets, stops, horizon=max(map(self.scheduler.left, seqs)))
 
     def _continue(self, window):
         """Overlap: while `window` runs, dispatch the window after it for the same sequences (assuming each
@@ -401,8 +401,9 @@ class Engine:
         computed); None otherwise."""
         if not self.overlap or self.scheduler.waiting or not self._commands.empty():
             return None
+        horizon = max(self.scheduler.left(s) - a for s, a in zip(window.seqs, window.budgets))
         budgets = self.scheduler.plan_next_window(window.seqs, window.budgets, self.runner.decode_steps,
-                                                  lambda n: self.runner.window_rows(n, window),
+                                                  lambda n: self.runner.window_rows(n, window, horizon),
                                                   window.used.dims[0])
         if budgets is None:
             return None

@@ -19,6 +19,12 @@ run at a smaller row bucket for only a few windows. So, once a kind of program h
 
 This is the ski-rental rule: the time spent is at most about twice what the better choice in hindsight
 (build at once, or never) would have spent, without knowing how long the workload will need the shape.
+
+A decode window also knows a bound on its future: the `horizon`, the most steps its requests may still
+take (their max_tokens and the context length). Its own program, once built, would serve every one of
+those steps (later, smaller batches included), so it is built at once when the horizon's estimated
+savings reach the price, and not built while they fall short (the requests end before it could pay),
+unless the charges reach twice the price (a shape that recurs at the end of many batches).
 `patience` scales the price: 0 builds every step's own program at once (as `--warmup` does before the
 first request), infinity never builds one that a built program covers. A build time is what it cost
 here: with the persistent compilation cache, a load from disk is cheap, and later programs are then
@@ -69,12 +75,12 @@ class Programs:
         mean = sum(same) / len(same) if same else 0.0
         return 0.0 if self.patience == 0 else self.patience * mean
 
-    def choose(self, own: Shape, rows: int | None = None, steps: int = 1) -> Shape:
+    def choose(self, own: Shape, rows: int | None = None, steps: int = 1, horizon: int | None = None) -> Shape:
         """-> the program to run `steps` steps whose own program is `own`: `own` itself if built, or when
-        nothing built covers it, or once its charges with this run's expected waste reach its price; else
-        the smallest built program covering it. `rows`: the program must have exactly that many rows (a
-        decode window continuing one in flight reuses its device arrays); `own` with those rows is built if
-        no built program has them."""
+        nothing built covers it, or once it pays (see the module's rules; `horizon`: the most steps the
+        requests may still take, None when unknown); else the smallest built program covering it. `rows`:
+        the program must have exactly that many rows (a decode window continuing one in flight reuses its
+        device arrays); `own` with those rows is built if no built program has them."""
         need = own if rows is None else own._replace(dims=(rows, *own.dims[1:]))
         if need in self.built:
             return need
@@ -82,10 +88,14 @@ class Programs:
         if not fits or self.patience == 0:
             return need
         best = min(fits, key=lambda s: (s.volume(), s.fast != own.fast))
-        expected = self._wasted(own, best, steps * self.step_time.get(best, 0.0))
-        if rows is None and self.waste.get(own, 0.0) + expected >= self.price(own):
-            return need
-        return best
+        if rows is not None:
+            return best
+        per_step, price, charged = self.step_time.get(best, 0.0), self.price(own), self.waste.get(own, 0.0)
+        if horizon is None:  # ski rental: the charges so far, and this run's
+            pays = charged + self._wasted(own, best, steps * per_step) >= price
+        else:  # what its own program could save before the requests end
+            pays = self._wasted(own, best, horizon * per_step) >= price or charged >= 2 * price
+        return need if pays else best
 
     def _wasted(self, own: Shape, used: Shape, seconds: float) -> float:
         """The part of a `seconds` run of `used` that `own` would not have spent. Own's time per step is

@@ -340,16 +340,18 @@ class ModelRunner:
         return [jax.device_put(a, self._replicated) for a in arrays]
 
     def decode(self, seqs: list[Sequence], budgets: list[int], stop_ids: list[tuple[int, ...]],
-               after: "Window | None" = None) -> "Window":
+               after: "Window | None" = None, horizon: int | None = None) -> "Window":
         """Dispatch a multi-step decode window (asynchronously: `collect` reads it). Each sequence (its last
         token not yet computed, blocks reserved for budgets[r] more tokens) takes up to budgets[r] tokens,
         stopping early at one of stop_ids[r]. `after`: the window still in flight that this one continues,
         with the same sequences, each assumed to take its whole budget there; its last tokens, and which rows
-        met a stop token, are read on device."""
+        met a stop token, are read on device. `horizon`: the most steps the sequences may still take (for
+        the choice of program)."""
         n = len(seqs)
         live = sum(b > 0 for b in budgets)  # a continuing window keeps rows that finished in the one before
         own = Shape("decode", (self.decode_rows(live), self._table_width(seqs)), self._fast(seqs))
-        used = self.programs.choose(own, rows=None if after is None else after.used.dims[0], steps=max(budgets))
+        used = self.programs.choose(own, rows=None if after is None else after.used.dims[0], steps=max(budgets),
+                                    horizon=horizon)
         B, W = used.dims
         rows = self._prepare_rows(seqs, B)
         tables = self._table_array(seqs, B, W)
@@ -379,9 +381,10 @@ class ModelRunner:
             np.int32(max(budgets)), rp, fast=used.fast)
         return Window(seqs, list(budgets), stop_ids, positions, tables, out, own, used, self._built(used, t0))
 
-    def window_rows(self, n: int, w: Window) -> int:
+    def window_rows(self, n: int, w: Window, horizon: int | None = None) -> int:
         """The rows a fresh window for n of `w`'s sequences would take (at w's table width and variant)."""
-        return self.programs.choose(Shape("decode", (self.decode_rows(n), w.used.dims[1]), w.used.fast)).dims[0]
+        own = Shape("decode", (self.decode_rows(n), w.used.dims[1]), w.used.fast)
+        return self.programs.choose(own, horizon=horizon).dims[0]
 
     def collect(self, w: "Window"):
         """Wait for a window -> (tokens, chosen logprobs, top ids, top logprobs, valid), numpy, each

@@ -225,7 +225,7 @@ def test_a_shrinking_batch_runs_on_a_built_program_with_the_same_tokens(dense_di
         results[patience] = outs, decode, dict(programs.waste)
         llm.shutdown()
     (eager, eager_built, _), (patient, patient_built, waste) = results.values()
-    assert {s.dims[0] for s in patient_built} == {12} and len(eager_built) > len(patient_built)
+    assert {s.dims[0] for s in patient_built} == {12} and min(s.dims[0] for s in eager_built) < 12
     assert any(s.kind == "decode" and s.dims[0] < 12 for s in waste)  # charged (by measured time) for its padding
     for x, y in zip(eager, patient):
         assert x.token_ids == y.token_ids
