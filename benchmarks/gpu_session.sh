@@ -30,5 +30,5 @@ step 150 benchmarks/attention.py --parts paged --batches 1 8 64 256 --contexts 5
 step 150 benchmarks/attention.py --parts flash --seqs 1024 4096 16384
 step 90 benchmarks/train_mfu.py --models qwen3-0.6b
 step 60 benchmarks/grouped_matmul.py --tokens 4096 16384 --iters 5
-step 90 benchmarks/throughput.py --no-hf
+step 110 benchmarks/throughput.py --no-hf  # cold, an untimed call that builds every program, warm
 if [ -n "${OUT:-}" ]; then cp docs/benchmarks.md "$OUT/"; fi

@@ -146,6 +146,7 @@ class ModelRunner:
             jax.block_until_ready(self.run([(probe, n)]))
             del self.cache
             self._init_penalty()
+            self.programs = Programs()  # the probe's program was built for a pool of another size
             stats = device_memory_stats()
             peak = max(stats.get("peak_bytes_in_use", 0), stats["bytes_in_use"])
             return max(int((stats["bytes_limit"] - peak) * fraction) // self.bytes_per_block(), 0)
