@@ -22,9 +22,11 @@ This is the ski-rental rule: the time spent is at most about twice what the bett
 
 A decode window also knows a bound on its future: the `horizon`, the most steps its requests may still
 take (their max_tokens and the context length). Its own program, once built, would serve every one of
-those steps (later, smaller batches included), so it is built at once when the horizon's estimated
-savings reach the price, and not built while they fall short (the requests end before it could pay),
-unless the charges reach twice the price (a shape that recurs at the end of many batches).
+those steps (later, smaller batches included) and no more of them, so it is not built while the
+horizon's estimated savings fall short of the price, whatever the charges say (the requests end before
+it could pay back), unless the charges reach twice the price (a shape that recurs at the end of many
+batches). The horizon only vetoes: the savings are an upper bound, and building on an estimate alone
+measured no better.
 `patience` scales the price: 0 builds every step's own program at once (as `--warmup` does before the
 first request), infinity never builds one that a built program covers. A build time is what it cost
 here: with the persistent compilation cache, a load from disk is cheap, and later programs are then
@@ -91,10 +93,9 @@ class Programs:
         if rows is not None:
             return best
         per_step, price, charged = self.step_time.get(best, 0.0), self.price(own), self.waste.get(own, 0.0)
-        if horizon is None:  # ski rental: the charges so far, and this run's
-            pays = charged + self._wasted(own, best, steps * per_step) >= price
-        else:  # what its own program could save before the requests end
-            pays = self._wasted(own, best, horizon * per_step) >= price or charged >= 2 * price
+        pays = charged + self._wasted(own, best, steps * per_step) >= price  # ski rental: so far, and this run
+        if pays and horizon is not None and charged < 2 * price:  # unless the requests end before it pays
+            pays = self._wasted(own, best, horizon * per_step) >= price
         return need if pays else best
 
     def _wasted(self, own: Shape, used: Shape, seconds: float) -> float:

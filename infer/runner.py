@@ -385,7 +385,8 @@ class ModelRunner:
     def window_rows(self, n: int, w: Window, horizon: int | None = None) -> int:
         """The rows a fresh window for n of `w`'s sequences would take (at w's table width and variant)."""
         own = Shape("decode", (self.decode_rows(n), w.used.dims[1]), w.used.fast)
-        return self.programs.choose(own, horizon=horizon).dims[0]
+        steps = self.decode_steps if horizon is None else max(min(self.decode_steps, horizon), 1)
+        return self.programs.choose(own, steps=steps, horizon=horizon).dims[0]
 
     def collect(self, w: "Window"):
         """Wait for a window -> (tokens, chosen logprobs, top ids, top logprobs, valid), numpy, each

@@ -87,14 +87,14 @@ def test_ski_rental_a_step_builds_its_own_before_its_waste_passes_the_price(pric
         assert (built_at + 1) * per_run >= price - 1e-9
 
 
-def test_a_known_horizon_builds_at_once_when_it_pays_and_not_when_the_requests_end_first():
+def test_a_known_horizon_vetoes_a_build_the_requests_end_before_it_pays():
     p = Programs()
     p.record_build(decode(32), 1.0)
     p.record_run(decode(32), decode(32), 0.8, steps=8)  # 0.1 s per step; 8 rows would save at most 0.075
-    assert p.choose(decode(8), horizon=14) == decode(8)  # 14 x 0.075 >= 1.0: build now, nothing charged
-    assert p.choose(decode(8), horizon=13) == decode(32)
+    assert p.choose(decode(8), steps=8, horizon=100) == decode(32)  # no charges yet: the horizon alone never builds
     p.record_run(decode(8), decode(32), 0.8, steps=8)  # charged 0.6
     assert p.choose(decode(8), steps=8) == decode(8)  # ski rental (horizon unknown): 0.6 + 0.6 >= 1.0
+    assert p.choose(decode(8), steps=8, horizon=14) == decode(8)  # 14 x 0.075 >= 1.0: it can still pay
     assert p.choose(decode(8), steps=8, horizon=13) == decode(32)  # these requests end before it pays
     p.record_run(decode(8), decode(32), 0.8 * 2, steps=16)
     assert p.choose(decode(8), steps=8, horizon=1) == decode(32)  # charged 1.8 < twice the price
