@@ -12,8 +12,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --no-deps -e .
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
-python -c "import jax; print('jax', jax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader || true
+python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+# ptxas matters: JAX refuses causal attention on ptxas 12.8.0-12.9.0 (a miscompile that also fits our masks)
+ptxas=$(command -v ptxas || python -c "import importlib.util as u, os; s = u.find_spec('nvidia.cuda_nvcc'); \
+print(os.path.join(list(s.submodule_search_locations)[0], 'bin', 'ptxas'))" 2>/dev/null)
+if [ -n "$ptxas" ] && [ -x "$ptxas" ]; then "$ptxas" --version | tail -1; else echo "ptxas: not found"; fi
+python -c "import jax; print('CUDA runtime / driver:', jax.devices()[0].client.platform_version)" 2>/dev/null || true
 step() {
     local limit=$1; shift
     echo "== $*"

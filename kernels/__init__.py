@@ -29,6 +29,9 @@ from kernels.paged_attention import (PagedConfig, gather_pages, paged_attention_
 
 IMPLS = ("auto", "pallas", "cudnn", "xla")
 PAGED_AUTO_MAX_ROWS = 256
+# A self-check that has not finished after this long (a kernel that hangs on this device) counts as failed:
+# impl="auto" falls back instead of hanging the caller. Compiling the kernels takes well under a minute.
+SELF_CHECK_TIMEOUT_S = 180.0
 
 
 def _hopper_or_newer() -> bool:
@@ -46,13 +49,21 @@ def _self_check(kind: str, dtype_name: str, head_dim: int, interpret: bool = Fal
     """Whether the Pallas `kind` kernel ("flash", "paged", or "grouped": the grouped matmul) compiles, runs
     and matches its reference on a small case on this machine. Run once per process before impl="auto"
     picks the kernel (in a thread of its own, so it runs eagerly even while the caller is being traced): a
-    kernel that cannot compile here falls back with a warning instead of failing the caller's whole
-    program."""
-    import concurrent.futures
+    kernel that cannot compile here, or does not finish within SELF_CHECK_TIMEOUT_S, falls back with a
+    warning instead of failing or hanging the caller's whole program. (The check's thread is a daemon: a
+    kernel that hangs keeps it, not the process.)"""
+    import threading
     import warnings
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # JAX's trace state is per thread
-        error = pool.submit(_run_self_check, kind, jnp.dtype(dtype_name), head_dim, interpret).result()
+    result: list[str | None] = []
+    thread = threading.Thread(target=lambda: result.append(  # JAX's trace state is per thread
+        _run_self_check(kind, jnp.dtype(dtype_name), head_dim, interpret)), name=f"{kind}-self-check", daemon=True)
+    thread.start()
+    thread.join(SELF_CHECK_TIMEOUT_S)
+    if thread.is_alive():
+        error = f"it did not finish within {SELF_CHECK_TIMEOUT_S:g} s"
+    else:
+        error = result[0] if result else "its thread died"
     if error:
         warnings.warn(f"the Pallas {kind} kernel ({dtype_name}, head_dim {head_dim}) failed its self-check on "
                       f"{jax.devices()[0].device_kind}: {error}; impl='auto' will not use it",
@@ -61,13 +72,16 @@ def _self_check(kind: str, dtype_name: str, head_dim: int, interpret: bool = Fal
 
 
 def _run_self_check(kind: str, dtype, head_dim: int, interpret: bool) -> str | None:
-    """The self-check's work: None when the kernel matches its reference, else what went wrong."""
+    """The self-check's work: None when the kernel matches its reference, else what went wrong. The cases
+    are long enough to wrap each kernel's K/V ring (flash: 6 key tiles of 64 through a 2-deep ring; paged:
+    one split over 600 keys in 38 scattered pages, 10 steps of 64 through a 4-deep ring, beside a 37-key
+    row), so a pipeline bug that a single pass hides fails here."""
     ks = jax.random.split(jax.random.key(0), 4)
     try:
         if kind == "flash":
-            q = jax.random.normal(ks[0], (1, 128, 2, head_dim), dtype)
-            k = jax.random.normal(ks[1], (1, 128, 1, head_dim), dtype)
-            v = jax.random.normal(ks[2], (1, 128, 1, head_dim), dtype)
+            q = jax.random.normal(ks[0], (1, 384, 2, head_dim), dtype)
+            k = jax.random.normal(ks[1], (1, 384, 1, head_dim), dtype)
+            v = jax.random.normal(ks[2], (1, 384, 1, head_dim), dtype)
             outs = {}
             for impl in ("pallas", "xla"):
                 def loss(q, k, v, impl=impl):
@@ -92,10 +106,10 @@ def _run_self_check(kind: str, dtype, head_dim: int, interpret: bool) -> str | N
             pairs = list(zip(outs["pallas"], outs["blocked"]))
         else:
             q = jax.random.normal(ks[0], (2, 1, 4, head_dim), dtype)
-            pages = [jax.random.normal(kk, (8, 16, 2, head_dim), dtype) for kk in ks[1:3]]
-            tables = jnp.asarray([[3, 5, 1], [0, 7, 2]], jnp.int32)
-            lengths = jnp.asarray([37, 20], jnp.int32)
-            pairs = [(paged_attention(q, *pages, tables, lengths, impl="pallas", interpret=interpret),
+            pages = [jax.random.normal(kk, (80, 16, 2, head_dim), dtype) for kk in ks[1:3]]
+            tables = jax.random.permutation(ks[3], 80)[:76].reshape(2, 38).astype(jnp.int32)
+            lengths = jnp.asarray([600, 37], jnp.int32)
+            pairs = [(paged_attention(q, *pages, tables, lengths, impl="pallas", interpret=interpret, num_splits=1),
                       paged_attention(q, *pages, tables, lengths, impl="xla"))]
         for ours, theirs in pairs:
             ours, theirs = jnp.asarray(ours, jnp.float32), jnp.asarray(theirs, jnp.float32)

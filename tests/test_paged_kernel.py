@@ -193,6 +193,22 @@ def test_self_check_passes_a_working_kernel_and_rejects_a_broken_one(monkeypatch
         assert check("flash", "bfloat16", 64, True) is False
 
 
+def test_a_self_check_that_hangs_falls_back_with_a_warning(monkeypatch):
+    """A kernel that never finishes on the device counts as failed after SELF_CHECK_TIMEOUT_S: impl="auto"
+    falls back instead of hanging its caller."""
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(kernels, "_run_self_check", lambda *a: release.wait(60) and None)
+    monkeypatch.setattr(kernels, "SELF_CHECK_TIMEOUT_S", 0.5)
+    check = kernels._self_check.__wrapped__  # uncached
+    try:
+        with pytest.warns(RuntimeWarning, match="paged kernel .* failed its self-check .* did not finish within 0.5 s"):
+            assert check("paged", "bfloat16", 64, True) is False
+    finally:
+        release.set()
+
+
 def test_model_cache_path_with_pallas_paged_attention(tmp_path, rng):
     """Prefill then decode through the model's paged-cache path with attn_impl="pallas" (interpret mode)
     equals the same steps with attn_impl="xla", in bf16."""
