@@ -401,9 +401,8 @@ class Engine:
         computed); None otherwise."""
         if not self.overlap or self.scheduler.waiting or not self._commands.empty():
             return None
-        horizon = max(self.scheduler.left(s) - a for s, a in zip(window.seqs, window.budgets))
         budgets = self.scheduler.plan_next_window(window.seqs, window.budgets, self.runner.decode_steps,
-                                                  lambda n: self.runner.window_rows(n, window, horizon),
+                                                  lambda n, horizon: self.runner.window_rows(n, window, horizon),
                                                   window.used.dims[0])
         if budgets is None:
             return None

@@ -55,8 +55,7 @@ class Shape(NamedTuple):
     def covers(self, other: "Shape") -> bool:
         """Whether this program can run a step whose own program is `other`."""
         variant = self.fast == other.fast or (self.kind == "prefill" and other.fast and not self.fast)
-        return (self.kind == other.kind and variant and len(self.dims) == len(other.dims)
-                and all(a >= b for a, b in zip(self.dims, other.dims)))
+        return self.kind == other.kind and variant and all(a >= b for a, b in zip(self.dims, other.dims))
 
 
 class Programs:
@@ -74,8 +73,7 @@ class Programs:
         kind, if none of its variant is built yet), times the patience."""
         same = [t for s, t in self.built.items() if s.kind == shape.kind and s.fast == shape.fast]
         same = same or [t for s, t in self.built.items() if s.kind == shape.kind]
-        mean = sum(same) / len(same) if same else 0.0
-        return 0.0 if self.patience == 0 else self.patience * mean
+        return self.patience * sum(same) / len(same) if same else 0.0
 
     def choose(self, own: Shape, rows: int | None = None, steps: int = 1, horizon: int | None = None) -> Shape:
         """-> the program to run `steps` steps whose own program is `own`: `own` itself if built, or when

@@ -382,11 +382,11 @@ class ModelRunner:
             np.int32(max(budgets)), rp, fast=used.fast)
         return Window(seqs, list(budgets), stop_ids, positions, tables, out, own, used, self._built(used, t0))
 
-    def window_rows(self, n: int, w: Window, horizon: int | None = None) -> int:
-        """The rows a fresh window for n of `w`'s sequences would take (at w's table width and variant)."""
+    def window_rows(self, n: int, w: Window, horizon: int) -> int:
+        """The rows a fresh window for n of `w`'s sequences, which may still take up to `horizon` tokens,
+        would take (at w's table width and variant)."""
         own = Shape("decode", (self.decode_rows(n), w.used.dims[1]), w.used.fast)
-        steps = self.decode_steps if horizon is None else max(min(self.decode_steps, horizon), 1)
-        return self.programs.choose(own, steps=steps, horizon=horizon).dims[0]
+        return self.programs.choose(own, steps=max(min(self.decode_steps, horizon), 1), horizon=horizon).dims[0]
 
     def collect(self, w: "Window"):
         """Wait for a window -> (tokens, chosen logprobs, top ids, top logprobs, valid), numpy, each

@@ -128,15 +128,15 @@ class Scheduler:
         return budgets
 
     def plan_next_window(self, seqs: list[Sequence], ahead: list[int], max_steps: int,
-                         rows: Callable[[int], int], rows_now: int) -> list[int] | None:
+                         rows: Callable[[int, int], int], rows_now: int) -> list[int] | None:
         """Budgets for a window that continues one still in flight, where each sequence takes up to ahead[r]
         tokens, with the blocks reserved; None when no sequence would be left, when those left would run on
-        fewer padded rows (`rows(n)`: the rows a fresh window for n sequences takes) than the window's
-        `rows_now`, or when the free blocks cannot hold the window (the caller then reads the window in
+        fewer padded rows (`rows(n, horizon)`: the rows a fresh window takes for n sequences that may still
+        take up to `horizon` tokens) than the window's `rows_now`, or when the free blocks cannot hold the window (the caller then reads the window in
         flight and schedules afresh)."""
         left = [0 if seq.finished else self.left(seq) - a for seq, a in zip(seqs, ahead)]
         n = min(max_steps, max(left))
-        if n <= 0 or rows(sum(lf > 0 for lf in left)) < rows_now:
+        if n <= 0 or rows(sum(lf > 0 for lf in left), max(left)) < rows_now:
             return None
         bm = self.block_manager
         budgets = [max(min(n, lf), 0) for lf in left]
