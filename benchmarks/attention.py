@@ -8,9 +8,13 @@ flash: forward / backward TFLOP/s at batch 8, 16 heads, head_dim 128, seq 1k..16
 FLOPs: 4 * B * H * T * S * D forward (halved when causal), 2.5x that for the backward (dQ, dK, dV: five
 matmuls against two).
 paged: decode (one query token) over a paged KV pool with shuffled block tables, Qwen3-8B heads (32 query,
-8 kv, head_dim 128, block_size 16), batch 1..256, context 512..32k; achieved GB/s = bytes of K and V read
-/ time, beside the device's copy bandwidth measured in the same run (bytes read + written by a large
-on-device copy / time). xla is the gather-then-attend path; cudnn gathers then runs cuDNN.
+8 kv, head_dim 128), pages of 16 and 64 tokens, batch 1..256, context 512..32k; achieved GB/s = bytes of K
+and V read / time, beside the device's copy bandwidth measured in the same run (bytes read + written by a
+large on-device copy / time). xla is the gather-then-attend path; cudnn gathers then runs cuDNN.
+
+Times are device times: each call runs 1 and 1 + --iters times inside one jitted loop (inputs tied to the
+previous outputs, so nothing is hoisted or dropped) and the difference is divided by --iters, so launch
+and dispatch overheads are excluded (benchmarks/common.time_device).
 
 Needs an NVIDIA GPU (Pallas on Hopper or newer). Each kernel is first checked against the XLA reference,
 then timed. Results are appended to docs/benchmarks.md.
@@ -28,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import kernels  # noqa: E402
-from benchmarks.common import markdown_table, record, time_fn  # noqa: E402
+from benchmarks.common import markdown_table, record, time_device  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,7 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--parts", nargs="+", choices=["flash", "paged"], default=["flash", "paged"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256], help="paged decode batches")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768], help="paged contexts")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64], help="paged: tokens per page")
     p.add_argument("--max-kv-gb", type=float, default=16.0, help="skip paged cases whose K+V exceed this")
+    p.add_argument("--iters", type=int, default=20, help="calls per timed loop (device time, dispatch excluded)")
     args = p.parse_args(argv)
     if jax.devices()[0].platform != "gpu":
         print("benchmarks/attention.py needs an NVIDIA GPU (the kernels are tested on the CPU by the test suite)",
@@ -87,8 +93,8 @@ def flash(args) -> None:
                             do.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
                         for name, ours, theirs in zip(("dq", "dk", "dv"), grad(q, k, v), ref_grads):
                             check(ours, theirs, name)
-                    t_f = time_fn(fwd, q, k, v)
-                    t_fb = time_fn(grad, q, k, v)
+                    t_f = time_device(fwd, q, k, v, iters=args.iters)
+                    t_fb = time_device(grad, q, k, v, iters=args.iters)
                     rows.append([impl, "causal" if causal else "full", T, flops / t_f / 1e12,
                                  2.5 * flops / max(t_fb - t_f, 1e-9) / 1e12, t_f * 1e3, (t_fb - t_f) * 1e3])
                 except Exception as e:  # an impl that cannot run this case is reported, not fatal
@@ -103,44 +109,49 @@ def copy_bandwidth(gb: float = 4.0) -> float:
     """Device copy bandwidth in bytes/s: (read + write) bytes of a large on-device copy / time."""
     x = jnp.zeros((int(gb * 2**30) // 4,), jnp.float32)
     f = jax.jit(lambda x: x + 1.0)
-    return 2 * x.nbytes / time_fn(f, x, iters=10)
+    return 2 * x.nbytes / time_device(f, x)
 
 
 def paged(args) -> None:
-    N, K, D, BS = 32, 8, 128, 16
+    N, K, D = 32, 8, 128
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s", flush=True)
     rows = []
-    for ctx in args.contexts:
-        for B in args.batches:
-            kv_bytes = 2 * B * ctx * K * D * 2
-            if kv_bytes > args.max_kv_gb * 2**30:
-                continue
-            per_seq = -(-ctx // BS)
-            NB = B * per_seq + 1
-            ks = jax.random.split(jax.random.key(B * 100003 + ctx), 4)
-            q = jax.random.normal(ks[0], (B, 1, N, D), jnp.bfloat16)
-            k_pages = jax.random.normal(ks[1], (NB, BS, K, D), jnp.bfloat16)
-            v_pages = jax.random.normal(ks[2], (NB, BS, K, D), jnp.bfloat16)
-            tables = jax.random.permutation(ks[3], NB)[: B * per_seq].reshape(B, per_seq).astype(jnp.int32)
-            lengths = jnp.full((B,), ctx, jnp.int32)
-            ref = None
-            for impl in args.impls:
-                f = jax.jit(lambda q, kp, vp, bt, ln, impl=impl: kernels.paged_attention(q, kp, vp, bt, ln, impl=impl))
-                try:
-                    if ref is None:
-                        ref = kernels.paged_attention(q, k_pages, v_pages, tables, lengths, impl="xla")
-                    check(f(q, k_pages, v_pages, tables, lengths), ref, "output")
-                    t = time_fn(f, q, k_pages, v_pages, tables, lengths, iters=10)
-                    rows.append([impl, B, ctx, kv_bytes / t / 1e9, 100 * kv_bytes / t / bw, t * 1e6])
-                except Exception as e:  # an impl that cannot run this case is reported, not fatal
-                    rows.append([impl, B, ctx, "n/a", "n/a", f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
-                                 if str(e) else type(e).__name__])
-                print(rows[-1], flush=True)
-            del k_pages, v_pages
-    table = markdown_table(["impl", "batch", "context", "GB/s", "% of copy bw", "us"], rows)
-    record("Paged decode attention", table, f"heads {N}/{K}, head_dim {D}, block_size {BS}, bf16, shuffled "
-           f"block tables; copy bandwidth {bw / 1e9:,.0f} GB/s (read + write)")
+    for BS in args.block_sizes:
+        for ctx in args.contexts:
+            for B in args.batches:
+                kv_bytes = 2 * B * ctx * K * D * 2
+                if kv_bytes > args.max_kv_gb * 2**30:
+                    continue
+                rows += paged_case(args, B, ctx, BS, N, K, D, kv_bytes, bw)
+    table = markdown_table(["impl", "block size", "batch", "context", "GB/s", "% of copy bw", "us"], rows)
+    record("Paged decode attention", table, f"heads {N}/{K}, head_dim {D}, bf16, shuffled block tables; device "
+           f"time (dispatch excluded); copy bandwidth {bw / 1e9:,.0f} GB/s (read + write)")
+
+
+def paged_case(args, B, ctx, BS, N, K, D, kv_bytes, bw) -> list[list]:
+    per_seq = -(-ctx // BS)
+    NB = B * per_seq + 1
+    ks = jax.random.split(jax.random.key(B * 100003 + ctx + BS), 4)
+    q = jax.random.normal(ks[0], (B, 1, N, D), jnp.bfloat16)
+    k_pages = jax.random.normal(ks[1], (NB, BS, K, D), jnp.bfloat16)
+    v_pages = jax.random.normal(ks[2], (NB, BS, K, D), jnp.bfloat16)
+    tables = jax.random.permutation(ks[3], NB)[: B * per_seq].reshape(B, per_seq).astype(jnp.int32)
+    lengths = jnp.full((B,), ctx, jnp.int32)
+    ref, rows = None, []
+    for impl in args.impls:
+        f = jax.jit(lambda q, kp, vp, bt, ln, impl=impl: kernels.paged_attention(q, kp, vp, bt, ln, impl=impl))
+        try:
+            if ref is None:
+                ref = kernels.paged_attention(q, k_pages, v_pages, tables, lengths, impl="xla")
+            check(f(q, k_pages, v_pages, tables, lengths), ref, "output")
+            t = time_device(f, q, k_pages, v_pages, tables, lengths, iters=args.iters)
+            rows.append([impl, BS, B, ctx, kv_bytes / t / 1e9, 100 * kv_bytes / t / bw, t * 1e6])
+        except Exception as e:  # an impl that cannot run this case is reported, not fatal
+            rows.append([impl, BS, B, ctx, "n/a", "n/a", f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+                         if str(e) else type(e).__name__])
+        print(rows[-1], flush=True)
+    return rows
 
 
 if __name__ == "__main__":

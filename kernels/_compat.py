@@ -9,6 +9,11 @@ meet, in one place.
 * Transposed SMEM operands for wgmma: `ref.T` on 0.11 (`transpose_ref` on 0.10); 0.10's interpreter cannot
   transpose a ref, so interpreted kernels there read a pre-transposed copy from memory instead
   (`smem_transpose`). Lowering for CUDA works on both.
+* Register-resident wgmma operands: neither version's interpreter runs `pl.run_state` (in-place
+  accumulation over `plgpu.ACC.init`) or a wgmma whose left operand is a register array (P in the
+  attention forward). Interpreted kernels add a fresh accumulator and stage P through SMEM instead
+  (`registers_mma`: same arithmetic); the lowering for CUDA (tests/test_flash_kernel.py) covers the
+  register forms.
 """
 
 from __future__ import annotations
@@ -66,6 +71,12 @@ def smem_transpose(interpret) -> bool:
     """Whether a kernel may feed wgmma an SMEM ref viewed transposed: always on hardware and in lowering,
     in interpret mode only on jax >= 0.11."""
     return JAX_VERSION >= (0, 11) or not interpreting(interpret)
+
+
+def registers_mma(interpret) -> bool:
+    """Whether a kernel may accumulate wgmma products in place (run_state) and feed wgmma a left operand
+    from registers: on hardware and in lowering, not in GPU interpret mode."""
+    return not interpreting(interpret)
 
 
 def transposed(ref):

@@ -41,20 +41,35 @@ def produce(steps, max_steps: int, stages: int, load, *frees):
     """Producer warpgroup loop: fill the ring, refill each slot once released, then observe the last
     releases (interpret mode requires every barrier phase to be observed).
 
-    load(step, slot) issues the copies of one step; a slot is released once the consumers have arrived
-    on free[slot] for every barrier array in `frees` (one per operand the consumers release separately)."""
+    load(step, slot) issues the copies of one step; a slot is refilled once the consumers have arrived on
+    free[slot] for every barrier array in `frees` (one per operand the consumers release separately).
+    With `load` a tuple of one function per barrier array in `frees`, each operand is refilled as soon as
+    its own slot is released (K before the PV product that still reads V)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
+    loads = tuple(load) if isinstance(load, (tuple, list)) else None
+    if loads is not None and len(loads) != len(frees):
+        raise ValueError(f"{len(loads)} load functions for {len(frees)} free barrier arrays")
+
+    def load_all(step, slot):
+        for f in loads or (load,):
+            f(step, slot)
+
     for s0 in range(min(stages, max_steps)):  # statically in bounds; dynamically only the needed ones
-        pl.when(s0 < steps)(functools.partial(load, s0, s0))
+        pl.when(s0 < steps)(functools.partial(load_all, s0, s0))
 
     @pl.loop(stages, steps)
     def _(step):
         slot = lax.rem(step, stages)
-        for free in frees:
-            plgpu.barrier_wait(free.at[slot])
-        load(step, slot)
+        if loads is None:
+            for free in frees:
+                plgpu.barrier_wait(free.at[slot])
+            load(step, slot)
+        else:
+            for free, f in zip(frees, loads):
+                plgpu.barrier_wait(free.at[slot])
+                f(step, slot)
 
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _(step):
@@ -80,3 +95,37 @@ def mm(lhs_smem, rhs_smem, shape):
         return acc_ref[...]
 
     return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+
+
+def mma_into(acc, lhs, rhs_smem, *, in_place: bool):
+    """acc + lhs @ rhs by wgmma; lhs an SMEM ref or a 16-bit register array (WGMMA layout), acc float32.
+
+    in_place: the accumulator's registers are wgmma's own (run_state over ACC.init, as on hardware);
+    else a fresh accumulator is added (GPU interpret mode has no run_state; same result)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def f(acc_ref):
+        plgpu.wgmma(acc_ref, lhs, rhs_smem)
+
+    if in_place:
+        return pl.run_state(f)(plgpu.ACC.init(acc))
+    return acc + mm(lhs, rhs_smem, acc.shape)
+
+
+def consume(rng, steps, step, skip, carry, base=0):
+    """One consumer's pass over a stream of `steps` tiles (stream indices base + [0, steps)) given its run
+    rng = (lo, u_lo, u_hi, hi) relative to the stream (`tile_ranges`): skip(t, None) observes and releases
+    the tiles outside [lo, hi); step(t, carry, masked) processes the masked head [lo, u_lo), the unmasked
+    middle [u_lo, u_hi) and the masked tail [u_hi, hi). -> the carry."""
+    lo, u_lo, u_hi, hi = rng
+
+    def at(f):
+        return lambda t, c: f(base + t, c)
+
+    lax.fori_loop(0, lo, at(skip), None)
+    carry = lax.fori_loop(lo, u_lo, at(functools.partial(step, masked=True)), carry)
+    carry = lax.fori_loop(u_lo, u_hi, at(functools.partial(step, masked=False)), carry)
+    carry = lax.fori_loop(u_hi, hi, at(functools.partial(step, masked=True)), carry)
+    lax.fori_loop(hi, steps, at(skip), None)
+    return carry

@@ -68,7 +68,8 @@ def paged_attention_reference(q_BTND, k_pages, v_pages, block_tables, lengths, *
 # Program (b, kv head h, row block r, split s). The query rows of a program are the (query token t,
 # query head g of kv head h) pairs, row = t * G + g, so one K/V tile read serves every query head of its
 # kv head (GQA without repeats) and every query token (decode, chunked prefill, speculative verification).
-# Rows are padded to ROWS = 64, the wgmma M dimension. Keys are processed `block_kv` at a time: a step's
+# Rows are padded to ROWS = 64, the wgmma M dimension, in SMEM; a program with fewer real rows (decode)
+# writes back only those, rounded up to 8. Keys are processed `block_kv` at a time: a step's
 # tile is gathered from its pages by one TMA copy per page (a page larger than the tile gives one copy of
 # part of it), through the block table read from memory, into a `stages`-deep ring fed by a producer
 # warpgroup. The consumer warpgroup runs S = Q K^T (K transposed in SMEM), an online softmax in exp2 and
@@ -169,6 +170,9 @@ def paged_attention_forward(q, k_pages, v_pages, block_tables, lengths, *, scale
     # Without an in-SMEM transpose (jax 0.10's interpreter only) K is read from a transposed pool copy.
     k_src = k_pages if in_smem_t else jnp.swapaxes(jnp.swapaxes(k_pages, 2, 3), 3, 4)  # [L, NB, K, D, BS]
     out_dtype = dtype if splits == 1 else jnp.float32
+    # Rows written back per program: a single row block writes only its real rows (rounded up to the
+    # 8-row SMEM tile), so decode (R = G rows) moves a few rows of float32 partials per split, not 64.
+    out_rows = ROWS if n_rb > 1 else cdiv(R, 8) * 8
 
     def kernel(q_ref, qp_ref, k_ref, v_ref, bt_ref, len_ref, layer_ref, o_ref, lse_ref, scoped):
         b, h, x = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("x")
@@ -217,8 +221,9 @@ def paged_attention_forward(q, k_pages, v_pages, block_tables, lengths, *, scale
             o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(out_dtype)
             lse_smem[...] = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l_i, 1.0))) / LOG2E, -jnp.inf)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, s, pl.ds(r0, ROWS)])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, s, pl.ds(r0, ROWS)])
+            rows_out = pl.ds(0, out_rows)
+            plgpu.copy_smem_to_gmem(o_smem.at[rows_out], o_ref.at[b, h, s, pl.ds(rb * out_rows, out_rows)])
+            plgpu.copy_smem_to_gmem(lse_smem.at[rows_out], lse_ref.at[b, h, s, pl.ds(rb * out_rows, out_rows)])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 1)
@@ -257,8 +262,8 @@ def paged_attention_forward(q, k_pages, v_pages, block_tables, lengths, *, scale
 
     o, lse = plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct((B, K, splits, n_rb * ROWS, D), out_dtype),
-                  jax.ShapeDtypeStruct((B, K, splits, n_rb * ROWS), jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct((B, K, splits, n_rb * out_rows, D), out_dtype),
+                  jax.ShapeDtypeStruct((B, K, splits, n_rb * out_rows), jnp.float32)),
         grid=(B, K, n_rb * splits), grid_names=("b", "h", "x"), num_threads=2, thread_name="wg",
         interpret=_compat.interpret_params() if interpret else False,
     )(q_rows, q_pos, k_src, v_pages, bt, lens, layer_arr)

@@ -74,6 +74,49 @@ def test_forward_and_gradients_match_reference(rng, B, T, N, K, causal, segments
     assert not _compat.races_found()
 
 
+@pytest.mark.parametrize("T,S,docs,window,unmasked,N", [
+    (400, 400, [250, 150], None, True, 1),  # packed rows: skipped tiles, unmasked middles, the ring wrapped
+    pytest.param(400, 400, [250, 150], None, True, 2, marks=JAX011),  # the same with GQA 2
+    pytest.param(384, 384, [384], 160, False, 2, marks=JAX011),  # a window: tiles before it are never loaded
+    pytest.param(70, 300, None, None, True, 2, marks=JAX011),  # prefill after a cache: queries end-aligned
+])
+def test_tile_skipping_and_unmasked_runs_match_reference(rng, T, S, docs, window, unmasked, N):
+    """Cases whose tile runs (checked below) skip tiles (above the causal diagonal; below a window or a
+    document start), stream more tiles than the ring holds, and (where `unmasked`) run tiles without a
+    mask, forward and backward."""
+    from kernels.flash_attention import _PAD_KV_SEG, _PAD_Q_SEG, FlashConfig
+    from kernels.tile_ranges import program_ranges, visibility
+
+    D, K = 64, 1
+    q, k, v, do, _ = _inputs(rng, 1, T, S, N, K, D)
+    kv_seg = jnp.asarray(np.repeat(np.arange(len(docs)), docs)[None] if docs else np.zeros((1, S)), jnp.int32)
+    q_seg = kv_seg[:, S - T:]
+    cfg = FlashConfig()
+    for bq, bk, st, pairs in ((cfg.block_q, cfg.block_kv, cfg.stages, False),
+                              (cfg.bwd_block_q, cfg.bwd_block_kv, cfg.bwd_stages, True)):
+        qs = np.full((1, -(-T // (2 * bq)) * 2 * bq), _PAD_Q_SEG, np.int32)
+        ks = np.full((1, -(-S // (2 * bk)) * 2 * bk), _PAD_KV_SEG, np.int32)
+        qs[:, :T], ks[:, :S] = q_seg, kv_seg
+        vis, full = visibility(qs, ks, T=T, S=S, block_q=bq, block_kv=bk, causal=True, window=window)
+        table = np.asarray(program_ranges(vis, full)).reshape(-1, 10)
+        runs_ = table[:, 2:].reshape(-1, 4)
+        assert (table[:, 1] - table[:, 0]).max() > st  # some stream wraps the ring
+        assert (runs_[:, 2] > runs_[:, 1]).any() or not unmasked  # unmasked middles
+        assert not np.asarray(vis)[0, -1, 0] == (S == T)  # the last block skips the first tile
+    kw = dict(causal=True, sliding_window=window, scale=D ** -0.5, interpret=True)
+    out, lse = flash_attention_forward(q, k, v, q_seg, kv_seg, **kw)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref_fn = lambda q, k, v: attention_reference(q, k, v, causal=True, segment_ids=(q_seg, kv_seg),  # noqa: E731
+                                                 sliding_window=window)
+    ref, vjp = jax.vjp(ref_fn, f32(q), f32(k), f32(v))
+    assert not np.isnan(np.asarray(out, np.float32)).any() and _rel(out, ref) <= 2e-2
+    grads = flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, do, **kw)
+    for ours, theirs, name in zip(grads, vjp(f32(do)), "qkv"):
+        assert not np.isnan(np.asarray(ours, np.float32)).any(), name
+        assert _rel(ours, theirs) <= 2e-2, name
+    assert not _compat.races_found()
+
+
 def _reference_lse(q, k, seg, causal, window, scale):
     from kernels.flash_attention import attention_mask
 
