@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from kernels._compat import interpret_mode
 from kernels.blockwise_attention import blockwise_attention
-from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
+from kernels.flash_attention import attention_reference, flash_attention_forward
+from kernels.flash_backward import flash_attention_backward
 from kernels.paged_attention import (PagedConfig, gather_pages, paged_attention_forward,
                                      paged_attention_reference, pallas_supported, write_pages)
 

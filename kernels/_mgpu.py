@@ -113,17 +113,17 @@ def mma_into(acc, lhs, rhs_smem, *, in_place: bool):
     return acc + mm(lhs, rhs_smem, acc.shape)
 
 
-def consume(rng, steps, step, skip, carry, base=0):
-    """One consumer's pass over a stream of `steps` tiles (stream indices base + [0, steps)) given its run
-    rng = (lo, u_lo, u_hi, hi) relative to the stream (`tile_ranges`): skip(t, None) observes and releases
-    the tiles outside [lo, hi); step(t, carry, masked) processes the masked head [lo, u_lo), the unmasked
-    middle [u_lo, u_hi) and the masked tail [u_hi, hi). -> the carry."""
+def consume(rng, steps, step, skip, carry, base=0, start=0):
+    """One consumer's pass over a stream of `steps` tiles (stream indices base + [start, steps)) given its
+    run rng = (lo, u_lo, u_hi, hi) relative to the stream (`tile_ranges`): skip(t, None) observes and
+    releases the tiles outside [lo, hi); step(t, carry, masked) processes the masked head [lo, u_lo), the
+    unmasked middle [u_lo, u_hi) and the masked tail [u_hi, hi). -> the carry."""
     lo, u_lo, u_hi, hi = rng
 
     def at(f):
         return lambda t, c: f(base + t, c)
 
-    lax.fori_loop(0, lo, at(skip), None)
+    lax.fori_loop(start, lo, at(skip), None)
     carry = lax.fori_loop(lo, u_lo, at(functools.partial(step, masked=True)), carry)
     carry = lax.fori_loop(u_lo, u_hi, at(functools.partial(step, masked=False)), carry)
     carry = lax.fori_loop(u_hi, hi, at(functools.partial(step, masked=True)), carry)

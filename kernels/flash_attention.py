@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._mgpu import LOG2E, consume, mm, mma_into, pad_to, produce, row, smem
+from kernels._mgpu import LOG2E, consume, mma_into, pad_to, produce, row, smem
 from kernels.tile_ranges import program_ranges, visibility
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -103,6 +103,7 @@ class FlashConfig:
     block_q: int = 64  # forward: rows per consumer warpgroup (two per program)
     block_kv: int = 128  # forward: keys per step
     stages: int = 2  # forward: K/V ring depth
+    overlap: bool = False  # forward: issue QK(j + 1) with PV(j) and run softmax(j + 1) under PV(j)
     bwd_block_q: int = 64
     bwd_block_kv: int = 64
     bwd_stages: int = 2
@@ -172,45 +173,67 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
             q_seg_b = row(qs_smem.at[wg], 1, (BQ, BK), 0)
             lo, u_lo, u_hi, hi = (rg_ref[b, i, 2 + 4 * wg + n] - plo for n in range(4))  # stream steps
 
-            def body(t, carry, masked: bool):
-                acc, m_i, l_i = carry
-                slot = lax.rem(t, stages)
-                plgpu.barrier_wait(k_full.at[slot])
+            def k_op(slot):
+                return _compat.transposed(k_smem.at[slot]) if transpose_in_smem else k_smem.at[slot]
 
-                def qk(acc_ref):
-                    rhs = _compat.transposed(k_smem.at[slot]) if transpose_in_smem else k_smem.at[slot]
-                    plgpu.wgmma(acc_ref, q_smem.at[wg], rhs)
-                    schedule()
-                    return acc_ref[...]
+            def key_segments(slot, masked: bool):
+                """The tile's key segment ids, read before its K slot is released: the fence orders the
+                read before the TMA that refills the slot (a generic-proxy read, then an async-proxy
+                write)."""
+                if not masked:
+                    return None
+                kv_seg_b = row(ks_smem.at[slot], 0, (BQ, BK), 1)
+                plgpu.commit_smem()
+                return kv_seg_b
 
-                s = pl.run_scoped(qk, plgpu.ACC((BQ, BK), jnp.float32))
+            def softmax(s, m_i, l_i, t, kv_seg_b, masked: bool):
+                """Online softmax of raw logits s for stream step t -> (P, new max, new sum, rescale)."""
                 if masked:
-                    mask = _visible(q_ids, k_iota + (plo + t) * BK, q_seg_b, row(ks_smem.at[slot], 0, (BQ, BK), 1),
-                                    causal, window)
-                    plgpu.barrier_arrive(k_free.at[slot])
+                    mask = _visible(q_ids, k_iota + (plo + t) * BK, q_seg_b, kv_seg_b, causal, window)
                     s = jnp.where(mask, s * c, _MASKED)
                     m_new = jnp.maximum(m_i, s.max(axis=1))
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 else:
-                    plgpu.barrier_arrive(k_free.at[slot])
                     m_new = jnp.maximum(m_i, s.max(axis=1) * c)
                     p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))  # one FMA per logit
                 alpha = jnp.exp2(m_i - m_new)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l_i = l_i * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                plgpu.barrier_arrive(sched)  # softmax done
-                plgpu.barrier_wait(v_full.at[slot])
-                plgpu.barrier_wait(sched)  # the tensor cores are ours again
+                return p, m_new, l_i * alpha + p.sum(axis=1), alpha
 
+            def qk(slot):
+                def f(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem.at[wg], k_op(slot))
+                    schedule()
+                    return acc_ref[...]
+
+                return pl.run_scoped(f, plgpu.ACC((BQ, BK), jnp.float32))
+
+            def pv(acc, p16, slot):  # acc + P V
                 if in_regs:  # P from registers, O += P V in place
-                    acc = mma_into(acc, p16, v_smem.at[slot], in_place=True)
-                else:  # the interpreter's form of the same product
-                    p_smem[wg] = p16
-                    plgpu.commit_smem()
-                    acc = mma_into(acc, p_smem.at[wg], v_smem.at[slot], in_place=False)
+                    return mma_into(acc, p16, v_smem.at[slot], in_place=True)
+                p_smem[wg] = p16  # the interpreter's form of the same product
+                plgpu.commit_smem()
+                return mma_into(acc, p_smem.at[wg], v_smem.at[slot], in_place=False)
+
+            def end_softmax(slot=None):  # hand over the tensor cores; wait for V and for them to come back
+                plgpu.barrier_arrive(sched)
+                if slot is not None:
+                    plgpu.barrier_wait(v_full.at[slot])
+                plgpu.barrier_wait(sched)
+
+            def body(t, carry, masked: bool):  # QK(t), softmax(t), PV(t)
+                acc, m_i, l_i = carry
+                slot = lax.rem(t, stages)
+                plgpu.barrier_wait(k_full.at[slot])
+                s = qk(slot)
+                kv_seg_b = key_segments(slot, masked)
+                plgpu.barrier_arrive(k_free.at[slot])
+                p, m_i, l_i, alpha = softmax(s, m_i, l_i, t, kv_seg_b, masked)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                end_softmax(slot)
+                acc = pv(acc, p16, slot)
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
+                return acc, m_i, l_i
 
             def skip(t, _):  # a tile only the other consumer needs: observe and release it, keep the rhythm
                 slot = lax.rem(t, stages)
@@ -221,11 +244,71 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
                 plgpu.barrier_arrive(v_free.at[slot])
                 schedule()
 
+            # overlap: QK(t) and PV(t - 1) are issued together and softmax(t) runs while PV(t - 1) does
+            # (FA3's intra-warpgroup pipelining); P and V wait one step longer.
+            def first(carry):  # QK and softmax of the run's first tile (masked: right for any tile)
+                acc, m_i, l_i, _ = carry
+                slot = lax.rem(lo, stages)
+                plgpu.barrier_wait(k_full.at[slot])
+                s = qk(slot)
+                kv_seg_b = key_segments(slot, True)
+                plgpu.barrier_arrive(k_free.at[slot])
+                p, m_i, l_i, _ = softmax(s, m_i, l_i, lo, kv_seg_b, True)
+                end_softmax()
+                return acc, m_i, l_i, p.astype(dtype)
+
+            def body_ov(t, carry, masked: bool):  # QK(t), PV(t - 1), softmax(t)
+                acc, m_i, l_i, p_prev = carry
+                slot, prev = lax.rem(t, stages), lax.rem(t - 1, stages)
+                plgpu.barrier_wait(k_full.at[slot])
+                if in_regs:
+                    def gemms(s_ref, o_ref):
+                        o_ref[...] = acc  # the accumulator's registers are PV's
+                        plgpu.wgmma(s_ref, q_smem.at[wg], k_op(slot))
+                        plgpu.barrier_wait(v_full.at[prev])
+                        plgpu.wgmma(o_ref, p_prev, v_smem.at[prev])
+                        schedule()
+                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK(t) done; PV(t - 1) may run on
+                        kv_seg_b = key_segments(slot, masked)
+                        plgpu.barrier_arrive(k_free.at[slot])
+                        out = softmax(s, m_i, l_i, t, kv_seg_b, masked)
+                        return o_ref[...], *out
+
+                    o, p, m_i, l_i, alpha = pl.run_scoped(gemms, plgpu.ACC((BQ, BK), jnp.float32),
+                                                          plgpu.ACC((BQ, D), jnp.float32))
+                else:  # the interpreter's form: the same products, one after the other
+                    s = qk(slot)
+                    kv_seg_b = key_segments(slot, masked)
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    p, m_i, l_i, alpha = softmax(s, m_i, l_i, t, kv_seg_b, masked)
+                    plgpu.barrier_wait(v_full.at[prev])
+                    o = pv(acc, p_prev, prev)
+                plgpu.barrier_arrive(v_free.at[prev])
+                end_softmax()
+                return o * lax.broadcast_in_dim(alpha, o.shape, [0]), m_i, l_i, p.astype(dtype)
+
+            def last(carry):  # the run's last PV
+                acc, m_i, l_i, p_prev = carry
+                prev = lax.rem(hi - 1, stages)
+                plgpu.barrier_wait(v_full.at[prev])
+                acc = pv(acc, p_prev, prev)
+                plgpu.barrier_arrive(v_free.at[prev])
+                return acc, m_i, l_i, p_prev
+
             acc = plgpu.layout_cast(jnp.zeros((BQ, D), jnp.float32), plgpu.Layout.WGMMA)
             m_i = plgpu.layout_cast(jnp.full((BQ,), _MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.zeros((BQ,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             pl.when(wg == 1)(schedule)  # consumer 0 goes first
-            acc, m_i, l_i = consume((lo, u_lo, u_hi, hi), steps, body, skip, (acc, m_i, l_i))
+            if not config.overlap:
+                acc, m_i, l_i = consume((lo, u_lo, u_hi, hi), steps, body, skip, (acc, m_i, l_i))
+            else:
+                lax.fori_loop(0, lo, skip, None)
+                p0 = plgpu.layout_cast(jnp.zeros((BQ, BK), dtype), plgpu.Layout.WGMMA)
+                carry = lax.cond(lo < hi, first, lambda c: c, (acc, m_i, l_i, p0))
+                a = jnp.minimum(lo + 1, hi)
+                rest = (a, jnp.maximum(u_lo, a), jnp.maximum(u_hi, a), hi)
+                carry = consume(rest, steps, body_ov, skip, carry, start=a)
+                acc, m_i, l_i, _ = lax.cond(lo < hi, last, lambda c: c, carry)
             pl.when(wg == 0)(schedule)
             seen = m_i > 0.5 * _MASKED  # rows with at least one visible key
             inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
@@ -275,260 +358,3 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
         interpret=_compat.interpret_params() if interpret else False,
     )(q, kt, v, q_seg, kv_seg, ranges)
     return out[:, :T], lse[:, :, :T]
-
-
-# ------------------------------------------------------------------ Pallas Mosaic GPU backward
-# FA2-style, split in two kernels that each run two compute warpgroups beside a producer warpgroup (24
-# registers; 240 each for the compute ones), and visit only the tiles `tile_ranges` finds visible, with
-# the mask built only on the masked head and tail of each run:
-# * dK, dV: program (b, kv head, pair of key blocks); each compute warpgroup owns one key block and
-#   accumulates its dK, dV over the query blocks that can see it, for every query head of its kv head
-#   (GQA without repeated K/V). The producer streams (query head, query block) tiles of Q, dO, LSE and
-#   delta once for both warpgroups;
-# * dQ: program (b, head, pair of query blocks); each compute warpgroup owns one query block and
-#   accumulates dQ over the key tiles it can see, streamed once for both.
-# The tiles stream through `bwd_stages`-deep rings (a "full" barrier per slot counting the copies, a "free"
-# barrier both compute warpgroups release). Operands wgmma needs transposed (Q, dO in dK/dV; K, V in dQ)
-# are transposed views of their SMEM tiles (transposed copies from memory under jax 0.10's interpreter).
-# P and dS are staged through SMEM as the left wgmma operand. Splitting recomputes S and dP in the dQ
-# kernel (7 matmuls per tile pair where a fused kernel needs 5): see the README for why it is kept.
-
-
-def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal: bool, sliding_window: int | None,
-                             scale: float, config: FlashConfig = FlashConfig(), interpret=False):
-    """Pallas backward -> (dq, dk, dv) in the input dtype. Shapes as in flash_attention_forward."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    from kernels import _compat
-
-    B, T, N, D = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
-    BQ, BK, stages = config.bwd_block_q, config.bwd_block_kv, config.bwd_stages
-    offset = S - T
-    dtype = q.dtype
-    delta = jnp.einsum("BTND,BTND->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    q, d_out = pad_to(q, 1, 2 * BQ), pad_to(d_out, 1, 2 * BQ)
-    lse, delta = pad_to(lse, 2, 2 * BQ), pad_to(delta, 2, 2 * BQ)
-    q_seg = pad_to(q_seg, 1, 2 * BQ, _PAD_Q_SEG).astype(jnp.int32)
-    k, v = pad_to(k, 1, 2 * BK), pad_to(v, 1, 2 * BK)
-    kv_seg = pad_to(kv_seg, 1, 2 * BK, _PAD_KV_SEG).astype(jnp.int32)
-    Tp, Sp = q.shape[1], k.shape[1]
-    n_q, n_kv = Tp // BQ, Sp // BK
-    vis, full = visibility(q_seg, kv_seg, T=T, S=S, block_q=BQ, block_kv=BK, causal=causal, window=sliding_window)
-    q_ranges = program_ranges(vis, full)  # [B, n_q // 2, 10]: key tiles per pair of query blocks
-    kv_ranges = program_ranges(jnp.swapaxes(vis, 1, 2), jnp.swapaxes(full, 1, 2))  # query blocks per key pair
-    # Operands wgmma needs transposed: views of the SMEM tiles, or (jax 0.10's interpreter) copies
-    # transposed in memory: qT, doT [B, D, N, T]; kT, vT [B, D, K, S].
-    tr = _compat.smem_transpose(interpret)
-    if tr:
-        qT = doT = kT = vT = None
-    else:
-        qT, doT = jnp.swapaxes(q, 1, 3), jnp.swapaxes(d_out, 1, 3)
-        kT, vT = jnp.swapaxes(k, 1, 3), jnp.swapaxes(v, 1, 3)
-    c = scale * LOG2E
-    window = sliding_window
-    ip = _compat.interpret_params() if interpret else False
-
-    def mask_for(q_ids, k_ids, q_seg_b, kv_seg_b):
-        return _visible(q_ids, k_ids, q_seg_b, kv_seg_b, causal, window)
-
-    # ---- dK, dV: program (b, kv head, key blocks 2j, 2j + 1); the stream runs over (query head g, query
-    # block i in [plo, phi)), G * (phi - plo) steps.
-    def dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, k_ref, v_ref, ks_ref, rg_ref, *refs):
-        *t_refs, dk_ref, dv_ref, scoped = refs  # t_refs: (qT, doT) without the in-SMEM transpose
-        b, kh, jp = lax.axis_index("b"), lax.axis_index("kh"), lax.axis_index("j")
-        wg = lax.axis_index("wg")
-        (k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, dl_smem, qs_smem, p_smem, *t_smem), \
-            (kv_bar, full_bar, free) = scoped
-        plo, phi = rg_ref[b, jp, 0], rg_ref[b, jp, 1]
-        per_head = phi - plo
-        steps = G * per_head
-
-        @pl.when(wg < 2)
-        def _compute():
-            plgpu.set_max_registers(240, action="increase")
-            j = 2 * jp + wg
-            blk = pl.ds(j * BK, BK)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, blk, kh], k_smem.at[wg], kv_bar.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, blk, kh], v_smem.at[wg], kv_bar.at[wg])
-            plgpu.copy_gmem_to_smem(ks_ref.at[b, blk], ks_smem.at[wg], kv_bar.at[wg])
-            plgpu.barrier_wait(kv_bar.at[wg])
-            shape = (BK, BQ)
-            k_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + j * BK
-            q_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            kv_seg_b = row(ks_smem.at[wg], 1, shape, 0)
-            rng = tuple(rg_ref[b, jp, 2 + 4 * wg + n] - plo for n in range(4))
-
-            def body(t, carry, masked: bool):
-                dk, dv = carry
-                slot = lax.rem(t, stages)
-                i = plo + lax.rem(t, jnp.maximum(per_head, 1))
-                plgpu.barrier_wait(full_bar.at[slot])
-                qT_op = _compat.transposed(q_smem.at[slot]) if tr else t_smem[0].at[slot]
-                sT = mm(k_smem.at[wg], qT_op, shape)
-                lse_b = row(lse_smem.at[slot], 0, shape, 1) * LOG2E
-                if masked:
-                    mask = mask_for(q_iota + i * BQ + offset, k_ids, row(qs_smem.at[slot], 0, shape, 1), kv_seg_b)
-                    pT = jnp.where(mask, jnp.exp2(sT * c - lse_b), 0.0)
-                else:
-                    pT = jnp.exp2(sT * c - lse_b)
-                p_smem[wg] = pT.astype(dtype)
-                plgpu.commit_smem()
-                dv = dv + mm(p_smem.at[wg], do_smem.at[slot], (BK, D))
-                doT_op = _compat.transposed(do_smem.at[slot]) if tr else t_smem[1].at[slot]
-                dpT = mm(v_smem.at[wg], doT_op, shape)
-                dsT = pT * (dpT - row(dl_smem.at[slot], 0, shape, 1))
-                p_smem[wg] = dsT.astype(dtype)
-                plgpu.commit_smem()
-                dk = dk + mm(p_smem.at[wg], q_smem.at[slot], (BK, D))
-                plgpu.barrier_arrive(free.at[slot])
-                return dk, dv
-
-            def skip(t, _):
-                slot = lax.rem(t, stages)
-                plgpu.barrier_wait(full_bar.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
-
-            def head(g, carry):  # query head g of kv head kh: the stream's steps g * per_head + [0, per_head)
-                return consume(rng, per_head, body, skip, carry, base=g * per_head)
-
-            zeros = plgpu.layout_cast(jnp.zeros((BK, D), jnp.float32), plgpu.Layout.WGMMA)
-            dk, dv = lax.fori_loop(0, G, head, (zeros, zeros))
-            k_smem[wg] = (dk * scale).astype(dtype)  # the K and V tiles are done with: stage the results
-            v_smem[wg] = dv.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, blk, kh])
-            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, blk, kh])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == 2)
-        def _producer():
-            plgpu.set_max_registers(24, action="decrease")
-
-            def load(t, slot):
-                per = jnp.maximum(per_head, 1)
-                h = kh * G + lax.div(t, per)
-                rows = pl.ds((plo + lax.rem(t, per)) * BQ, BQ)
-                bar = full_bar.at[slot]
-                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], bar)
-                for src, dst in zip(t_refs, t_smem):
-                    plgpu.copy_gmem_to_smem(src.at[b, :, h, rows], dst.at[slot], bar)
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(dl_ref.at[b, h, rows], dl_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem.at[slot], bar)
-
-            produce(steps, G * n_q, stages, load, free)
-
-    def dkv_entry(*refs):
-        n_t = 0 if tr else 2
-        pl.run_scoped(
-            lambda *scoped: dkv_kernel(*refs, scoped),
-            (smem((2, BK, D), dtype), smem((2, BK, D), dtype), plgpu.SMEM((2, BK), jnp.int32),
-             smem((stages, BQ, D), dtype), smem((stages, BQ, D), dtype), plgpu.SMEM((stages, BQ), jnp.float32),
-             plgpu.SMEM((stages, BQ), jnp.float32), plgpu.SMEM((stages, BQ), jnp.int32), smem((2, BK, BQ), dtype),
-             *[smem((stages, D, BQ), dtype)] * n_t),
-            (plgpu.Barrier(num_arrivals=3, num_barriers=2), plgpu.Barrier(num_arrivals=5 + n_t, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
-            collective_axes="wg",
-        )
-
-    dk, dv = plgpu.kernel(
-        dkv_entry, out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
-        grid=(B, K, n_kv // 2), grid_names=("b", "kh", "j"), num_threads=3, thread_name="wg", interpret=ip,
-    )(q, d_out, lse, delta, q_seg, k, v, kv_seg, kv_ranges, *(() if tr else (qT, doT)))
-    if interpret:  # XLA:CPU may run independent interpreted kernels concurrently, which deadlocks the
-        dk, dv, q = lax.optimization_barrier((dk, dv, q))  # interpreter: order dq after dk/dv
-
-    # ---- dQ: program (b, head, query blocks 2i, 2i + 1); the stream runs over key tiles [plo, phi).
-    def dq_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, k_ref, ks_ref, rg_ref, *refs):
-        *t_refs, dq_ref, scoped = refs  # t_refs: (v) with the in-SMEM transpose, else (kT, vT)
-        b, h, ip_ = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("i")
-        wg = lax.axis_index("wg")
-        (q_smem, do_smem, lse_smem, dl_smem, qs_smem, k_smem, ks_smem, ds_smem, *t_smem), (q_bar, full_bar, free) = scoped
-        plo, phi = rg_ref[b, ip_, 0], rg_ref[b, ip_, 1]
-        steps = phi - plo
-        kh = lax.div(h, G)
-
-        @pl.when(wg < 2)
-        def _compute():
-            plgpu.set_max_registers(240, action="increase")
-            i = 2 * ip_ + wg
-            rows = pl.ds(i * BQ, BQ)
-            for src, dst in ((q_ref.at[b, rows, h], q_smem.at[wg]), (do_ref.at[b, rows, h], do_smem.at[wg]),
-                             (lse_ref.at[b, h, rows], lse_smem.at[wg]), (dl_ref.at[b, h, rows], dl_smem.at[wg]),
-                             (qs_ref.at[b, rows], qs_smem.at[wg])):
-                plgpu.copy_gmem_to_smem(src, dst, q_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[wg])
-            shape = (BQ, BK)
-            q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + i * BQ + offset
-            k_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            q_seg_b = row(qs_smem.at[wg], 1, shape, 0)
-            lse_b = row(lse_smem.at[wg], 1, shape, 0) * LOG2E
-            dl_b = row(dl_smem.at[wg], 1, shape, 0)
-            rng = tuple(rg_ref[b, ip_, 2 + 4 * wg + n] - plo for n in range(4))
-
-            def body(t, dq, masked: bool):
-                slot = lax.rem(t, stages)
-                plgpu.barrier_wait(full_bar.at[slot])
-                kT_op = _compat.transposed(k_smem.at[slot]) if tr else t_smem[0].at[slot]
-                s = mm(q_smem.at[wg], kT_op, shape)
-                if masked:
-                    mask = mask_for(q_ids, k_iota + (plo + t) * BK, q_seg_b, row(ks_smem.at[slot], 0, shape, 1))
-                    p = jnp.where(mask, jnp.exp2(s * c - lse_b), 0.0)
-                else:
-                    p = jnp.exp2(s * c - lse_b)
-                vT_op = _compat.transposed(t_smem[0].at[slot]) if tr else t_smem[1].at[slot]
-                dp = mm(do_smem.at[wg], vT_op, shape)
-                ds_smem[wg] = (p * (dp - dl_b)).astype(dtype)
-                plgpu.commit_smem()
-                dq = dq + mm(ds_smem.at[wg], k_smem.at[slot], (BQ, D))
-                plgpu.barrier_arrive(free.at[slot])
-                return dq
-
-            def skip(t, _):
-                slot = lax.rem(t, stages)
-                plgpu.barrier_wait(full_bar.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
-
-            dq = consume(rng, steps, body, skip,
-                         plgpu.layout_cast(jnp.zeros((BQ, D), jnp.float32), plgpu.Layout.WGMMA))
-            q_smem[wg] = (dq * scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == 2)
-        def _producer():
-            plgpu.set_max_registers(24, action="decrease")
-
-            def load(t, slot):
-                blk = pl.ds((plo + t) * BK, BK)
-                bar = full_bar.at[slot]
-                plgpu.copy_gmem_to_smem(k_ref.at[b, blk, kh], k_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(ks_ref.at[b, blk], ks_smem.at[slot], bar)
-                for src, dst in zip(t_refs, t_smem):  # v [B, S, K, D], or kT and vT [B, D, K, S]
-                    plgpu.copy_gmem_to_smem(src.at[b, blk, kh] if tr else src.at[b, :, kh, blk], dst.at[slot], bar)
-
-            produce(steps, n_kv, stages, load, free)
-
-    def dq_entry(*refs):
-        t_tiles = [smem((stages, BK, D), dtype)] if tr else [smem((stages, D, BK), dtype)] * 2
-        pl.run_scoped(
-            lambda *scoped: dq_kernel(*refs, scoped),
-            (smem((2, BQ, D), dtype), smem((2, BQ, D), dtype), plgpu.SMEM((2, BQ), jnp.float32),
-             plgpu.SMEM((2, BQ), jnp.float32), plgpu.SMEM((2, BQ), jnp.int32), smem((stages, BK, D), dtype),
-             plgpu.SMEM((stages, BK), jnp.int32), smem((2, BQ, BK), dtype), *t_tiles),
-            (plgpu.Barrier(num_arrivals=5, num_barriers=2),
-             plgpu.Barrier(num_arrivals=2 + len(t_tiles), num_barriers=stages),
-             plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
-            collective_axes="wg",
-        )
-
-    dq = plgpu.kernel(
-        dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(B, N, n_q // 2), grid_names=("b", "h", "i"), num_threads=3, thread_name="wg", interpret=ip,
-    )(q, d_out, lse, delta, q_seg, k, kv_seg, q_ranges, *((v,) if tr else (kT, vT)))
-    return dq[:, :T], dk[:, :S], dv[:, :S]

@@ -13,7 +13,8 @@ import pytest
 import kernels
 from conftest import mosaic_gpu_results
 from kernels import _compat
-from kernels.flash_attention import attention_reference, flash_attention_backward, flash_attention_forward
+from kernels.flash_attention import attention_reference, flash_attention_forward
+from kernels.flash_backward import flash_attention_backward
 
 pytestmark = pytest.mark.timeout(300)  # a barrier bug hangs the interpreter
 
@@ -74,16 +75,18 @@ def test_forward_and_gradients_match_reference(rng, B, T, N, K, causal, segments
     assert not _compat.races_found()
 
 
-@pytest.mark.parametrize("T,S,docs,window,unmasked,N", [
-    (400, 400, [250, 150], None, True, 1),  # packed rows: skipped tiles, unmasked middles, the ring wrapped
-    pytest.param(400, 400, [250, 150], None, True, 2, marks=JAX011),  # the same with GQA 2
-    pytest.param(384, 384, [384], 160, False, 2, marks=JAX011),  # a window: tiles before it are never loaded
-    pytest.param(70, 300, None, None, True, 2, marks=JAX011),  # prefill after a cache: queries end-aligned
+@pytest.mark.parametrize("T,S,docs,window,unmasked,N,overlap", [
+    (400, 400, [250, 150], None, True, 1, False),  # packed rows: skipped tiles, unmasked middles, ring wrapped
+    pytest.param(400, 400, [250, 150], None, True, 2, False, marks=JAX011),  # the same with GQA 2
+    pytest.param(384, 384, [384], 160, False, 2, False, marks=JAX011),  # a window: earlier tiles never loaded
+    pytest.param(70, 300, None, None, True, 2, False, marks=JAX011),  # prefill after a cache: end-aligned
+    pytest.param(400, 400, [250, 150], None, True, 2, True, marks=JAX011),  # forward: QK(j+1) beside PV(j)
+    pytest.param(384, 384, [384], 160, False, 1, True, marks=JAX011),
 ])
-def test_tile_skipping_and_unmasked_runs_match_reference(rng, T, S, docs, window, unmasked, N):
+def test_tile_skipping_and_unmasked_runs_match_reference(rng, T, S, docs, window, unmasked, N, overlap):
     """Cases whose tile runs (checked below) skip tiles (above the causal diagonal; below a window or a
-    document start), stream more tiles than the ring holds, and (where `unmasked`) run tiles without a
-    mask, forward and backward."""
+    document start), stream more tiles than the ring holds, and (where `unmasked`: in every kernel) run
+    tiles without a mask, forward and backward; `overlap`: the forward's intra-warpgroup pipelining."""
     from kernels.flash_attention import _PAD_KV_SEG, _PAD_Q_SEG, FlashConfig
     from kernels.tile_ranges import program_ranges, visibility
 
@@ -104,7 +107,7 @@ def test_tile_skipping_and_unmasked_runs_match_reference(rng, T, S, docs, window
         assert (runs_[:, 2] > runs_[:, 1]).any() or not unmasked  # unmasked middles
         assert not np.asarray(vis)[0, -1, 0] == (S == T)  # the last block skips the first tile
     kw = dict(causal=True, sliding_window=window, scale=D ** -0.5, interpret=True)
-    out, lse = flash_attention_forward(q, k, v, q_seg, kv_seg, **kw)
+    out, lse = flash_attention_forward(q, k, v, q_seg, kv_seg, config=FlashConfig(overlap=overlap), **kw)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref_fn = lambda q, k, v: attention_reference(q, k, v, causal=True, segment_ids=(q_seg, kv_seg),  # noqa: E731
                                                  sliding_window=window)
@@ -142,15 +145,21 @@ def test_dispatch_pallas_is_differentiable(rng):
         assert _rel(a, b) <= 2e-2
 
 
-@pytest.mark.parametrize("D,dtype,causal", [(64, jnp.bfloat16, True), (128, jnp.float16, False),
-                                            (128, jnp.bfloat16, True)])
-def test_kernels_lower_for_cuda(D, dtype, causal):
+@pytest.mark.parametrize("D,dtype,causal,overlap", [(64, jnp.bfloat16, True, False),
+                                                    (128, jnp.float16, False, True),
+                                                    (128, jnp.bfloat16, True, False),
+                                                    (128, jnp.bfloat16, True, True)])
+def test_kernels_lower_for_cuda(D, dtype, causal, overlap):
+    """The hardware forms (P in registers, in-place accumulation, QK(j+1) beside PV(j) with a partial
+    wgmma wait, register split) lower to Mosaic GPU; the interpreter runs their SMEM formulation."""
+    from kernels.flash_attention import FlashConfig
+
     B, T, N, K = 2, 512, 8, 2
     sd = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     kw = dict(causal=causal, sliding_window=None, scale=D ** -0.5)
 
     def fwd(q, k, v, s):
-        return flash_attention_forward(q, k, v, s, s, **kw)
+        return flash_attention_forward(q, k, v, s, s, config=FlashConfig(overlap=overlap), **kw)
 
     def bwd(q, k, v, s, o, lse, do):
         return flash_attention_backward(q, k, v, s, s, o, lse, do, **kw)
