@@ -220,14 +220,18 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
                     plgpu.barrier_wait(v_full.at[slot])
                 plgpu.barrier_wait(sched)
 
-            def body(t, carry, masked: bool):  # QK(t), softmax(t), PV(t)
-                acc, m_i, l_i = carry
+            def qk_softmax(t, m_i, l_i, masked: bool):  # QK(t) (K released), then its softmax
                 slot = lax.rem(t, stages)
                 plgpu.barrier_wait(k_full.at[slot])
                 s = qk(slot)
                 kv_seg_b = key_segments(slot, masked)
                 plgpu.barrier_arrive(k_free.at[slot])
-                p, m_i, l_i, alpha = softmax(s, m_i, l_i, t, kv_seg_b, masked)
+                return softmax(s, m_i, l_i, t, kv_seg_b, masked)
+
+            def body(t, carry, masked: bool):  # QK(t), softmax(t), PV(t)
+                acc, m_i, l_i = carry
+                slot = lax.rem(t, stages)
+                p, m_i, l_i, alpha = qk_softmax(t, m_i, l_i, masked)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
                 end_softmax(slot)
@@ -248,20 +252,16 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
             # (FA3's intra-warpgroup pipelining); P and V wait one step longer.
             def first(carry):  # QK and softmax of the run's first tile (masked: right for any tile)
                 acc, m_i, l_i, _ = carry
-                slot = lax.rem(lo, stages)
-                plgpu.barrier_wait(k_full.at[slot])
-                s = qk(slot)
-                kv_seg_b = key_segments(slot, True)
-                plgpu.barrier_arrive(k_free.at[slot])
-                p, m_i, l_i, _ = softmax(s, m_i, l_i, lo, kv_seg_b, True)
+                p, m_i, l_i, _ = qk_softmax(lo, m_i, l_i, True)
                 end_softmax()
                 return acc, m_i, l_i, p.astype(dtype)
 
             def body_ov(t, carry, masked: bool):  # QK(t), PV(t - 1), softmax(t)
                 acc, m_i, l_i, p_prev = carry
                 slot, prev = lax.rem(t, stages), lax.rem(t - 1, stages)
-                plgpu.barrier_wait(k_full.at[slot])
                 if in_regs:
+                    plgpu.barrier_wait(k_full.at[slot])
+
                     def gemms(s_ref, o_ref):
                         o_ref[...] = acc  # the accumulator's registers are PV's
                         plgpu.wgmma(s_ref, q_smem.at[wg], k_op(slot))
@@ -277,10 +277,7 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
                     o, p, m_i, l_i, alpha = pl.run_scoped(gemms, plgpu.ACC((BQ, BK), jnp.float32),
                                                           plgpu.ACC((BQ, D), jnp.float32))
                 else:  # the interpreter's form: the same products, one after the other
-                    s = qk(slot)
-                    kv_seg_b = key_segments(slot, masked)
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    p, m_i, l_i, alpha = softmax(s, m_i, l_i, t, kv_seg_b, masked)
+                    p, m_i, l_i, alpha = qk_softmax(t, m_i, l_i, masked)
                     plgpu.barrier_wait(v_full.at[prev])
                     o = pv(acc, p_prev, prev)
                 plgpu.barrier_arrive(v_free.at[prev])
