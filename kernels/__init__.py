@@ -74,9 +74,10 @@ def _self_check(kind: str, dtype_name: str, head_dim: int, interpret: bool = Fal
 
 def _run_self_check(kind: str, dtype, head_dim: int, interpret: bool) -> str | None:
     """The self-check's work: None when the kernel matches its reference, else what went wrong. The cases
-    are long enough to wrap each kernel's K/V ring (flash: 6 key tiles of 64 through a 2-deep ring; paged:
-    one split over 600 keys in 38 scattered pages, 10 steps of 64 through a 4-deep ring, beside a 37-key
-    row), so a pipeline bug that a single pass hides fails here."""
+    are long enough to wrap each kernel's K/V ring (flash: up to 3 tiles of 128 keys through the forward's
+    2-deep ring, 6 tiles of 64 through the backward's; paged: one split over 600 keys in 38 scattered
+    pages, 10 steps of 64 through a 4-deep ring, beside a 37-key row), so a pipeline bug that a single pass
+    hides fails here."""
     ks = jax.random.split(jax.random.key(0), 4)
     try:
         if kind == "flash":

@@ -60,6 +60,7 @@ CASES = [  # B, Tq, Hq, Hkv, head_dim, block_size, max_blocks, splits
     (3, 1, 8, 1, 128, 8, 20, 3),     # decode, MQA (8 heads share one kv head), split-K with the combine
     (4, 5, 4, 2, 64, 32, 5, None),   # chunked prefill / verification: 5 query tokens, rows from two tokens
     pytest.param(2, 1, 2, 1, 64, 128, 2, 2, marks=JAX011),  # pages larger than a tile: part of a page a step
+    pytest.param(2, 1, 8, 2, 128, 64, 6, 2, marks=JAX011),  # pages of one tile, split-K, GQA 4
 ]
 
 
