@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import kernels  # noqa: E402
-from benchmarks.common import markdown_table, record, time_device  # noqa: E402
+from benchmarks.common import recorded, time_device  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -71,38 +71,42 @@ def check(ours, theirs, what: str, tol: float = 2e-2) -> None:
 def flash(args) -> None:
     B, H, D = args.batch, args.heads, args.head_dim
     K = args.kv_heads or H
-    rows = []
-    for causal in (True, False):
-        for T in args.seqs:
-            ks = jax.random.split(jax.random.key(T), 4)
-            q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
-            k = jax.random.normal(ks[1], (B, T, K, D), jnp.bfloat16)
-            v = jax.random.normal(ks[2], (B, T, K, D), jnp.bfloat16)
-            do = jax.random.normal(ks[3], (B, T, H, D), jnp.bfloat16)
-            flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
-            for impl in args.impls:
-                fwd = jax.jit(lambda q, k, v, impl=impl: kernels.attention(q, k, v, causal=causal, impl=impl))
-                grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.vdot(
-                    kernels.attention(q, k, v, causal=causal, impl=impl).astype(jnp.float32),
-                    do.astype(jnp.float32)), argnums=(0, 1, 2)))
-                try:
-                    if T == args.seqs[0]:  # on hardware: forward and all three gradients vs the reference
-                        check(fwd(q, k, v), kernels.attention(q, k, v, causal=causal, impl="xla"), "forward")
-                        ref_grads = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(
-                            kernels.attention(q, k, v, causal=causal, impl="xla").astype(jnp.float32),
-                            do.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
-                        for name, ours, theirs in zip(("dq", "dk", "dv"), grad(q, k, v), ref_grads):
-                            check(ours, theirs, name)
-                    t_f = time_device(fwd, q, k, v, iters=args.iters)
-                    t_fb = time_device(grad, q, k, v, iters=args.iters)
-                    rows.append([impl, "causal" if causal else "full", T, flops / t_f / 1e12,
-                                 2.5 * flops / max(t_fb - t_f, 1e-9) / 1e12, t_f * 1e3, (t_fb - t_f) * 1e3])
-                except Exception as e:  # an impl that cannot run this case is reported, not fatal
-                    rows.append([impl, "causal" if causal else "full", T, "n/a", "n/a", type(e).__name__,
-                                 str(e).splitlines()[0][:60] if str(e) else ""])
-                print(rows[-1], flush=True)
-    table = markdown_table(["impl", "mask", "seq", "fwd TFLOP/s", "bwd TFLOP/s", "fwd ms", "bwd ms"], rows)
-    record("Flash attention", table, f"batch {B}, heads {H}/{K}, head_dim {D}, bf16; bwd time = grad - fwd")
+    with recorded("Flash attention", ["impl", "mask", "seq", "fwd TFLOP/s", "bwd TFLOP/s", "fwd ms", "bwd ms"],
+                  f"batch {B}, heads {H}/{K}, head_dim {D}, bf16; device time (dispatch excluded); "
+                  "bwd time = grad - fwd") as rows:
+        for causal in (True, False):
+            for T in args.seqs:
+                flash_case(args, rows, B, T, H, K, D, causal)
+
+
+def flash_case(args, rows, B, T, H, K, D, causal) -> None:
+    ks = jax.random.split(jax.random.key(T), 4)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, K, D), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, K, D), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (B, T, H, D), jnp.bfloat16)
+    flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+    for impl in args.impls:
+        fwd = jax.jit(lambda q, k, v, impl=impl: kernels.attention(q, k, v, causal=causal, impl=impl))
+        grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.vdot(
+            kernels.attention(q, k, v, causal=causal, impl=impl).astype(jnp.float32),
+            do.astype(jnp.float32)), argnums=(0, 1, 2)))
+        try:
+            if T == args.seqs[0]:  # on hardware: forward and all three gradients vs the reference
+                check(fwd(q, k, v), kernels.attention(q, k, v, causal=causal, impl="xla"), "forward")
+                ref_grads = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(
+                    kernels.attention(q, k, v, causal=causal, impl="xla").astype(jnp.float32),
+                    do.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
+                for name, ours, theirs in zip(("dq", "dk", "dv"), grad(q, k, v), ref_grads):
+                    check(ours, theirs, name)
+            t_f = time_device(fwd, q, k, v, iters=args.iters)
+            t_fb = time_device(grad, q, k, v, iters=args.iters)
+            rows.append([impl, "causal" if causal else "full", T, flops / t_f / 1e12,
+                         2.5 * flops / max(t_fb - t_f, 1e-9) / 1e12, t_f * 1e3, (t_fb - t_f) * 1e3])
+        except Exception as e:  # an impl that cannot run this case is reported, not fatal
+            rows.append([impl, "causal" if causal else "full", T, "n/a", "n/a", type(e).__name__,
+                         str(e).splitlines()[0][:60] if str(e) else ""])
+        print(rows[-1], flush=True)
 
 
 def copy_bandwidth(gb: float = 4.0) -> float:
@@ -116,17 +120,15 @@ def paged(args) -> None:
     N, K, D = 32, 8, 128
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s", flush=True)
-    rows = []
-    for BS in args.block_sizes:
-        for ctx in args.contexts:
-            for B in args.batches:
-                kv_bytes = 2 * B * ctx * K * D * 2
-                if kv_bytes > args.max_kv_gb * 2**30:
-                    continue
-                rows += paged_case(args, B, ctx, BS, N, K, D, kv_bytes, bw)
-    table = markdown_table(["impl", "block size", "batch", "context", "GB/s", "% of copy bw", "us"], rows)
-    record("Paged decode attention", table, f"heads {N}/{K}, head_dim {D}, bf16, shuffled block tables; device "
-           f"time (dispatch excluded); copy bandwidth {bw / 1e9:,.0f} GB/s (read + write)")
+    with recorded("Paged decode attention", ["impl", "block size", "batch", "context", "GB/s", "% of copy bw", "us"],
+                  f"heads {N}/{K}, head_dim {D}, bf16, shuffled block tables; device time (dispatch excluded); "
+                  f"copy bandwidth {bw / 1e9:,.0f} GB/s (read + write)") as rows:
+        for BS in args.block_sizes:
+            for ctx in args.contexts:
+                for B in args.batches:
+                    kv_bytes = 2 * B * ctx * K * D * 2
+                    if kv_bytes <= args.max_kv_gb * 2**30:
+                        rows += paged_case(args, B, ctx, BS, N, K, D, kv_bytes, bw)
 
 
 def paged_case(args, B, ctx, BS, N, K, D, kv_bytes, bw) -> list[list]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -95,3 +97,24 @@ def record(title: str, table: str, notes: str = "") -> None:
         if notes:
             f.write(f"- notes: {notes}\n")
         f.write("\n" + table + "\n")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def recorded(title: str, headers: list[str], notes: str = ""):
+    """Collect table rows (yielded list) and record them on exit, also when the run is interrupted
+    (Ctrl-C, or SIGTERM from `timeout`): the rows measured so far are kept, marked as interrupted."""
+    rows: list[list] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    complete = False
+    try:
+        yield rows
+        complete = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if rows:
+            record(title, markdown_table(headers, rows),
+                   notes if complete else f"{notes}; interrupted: only the rows measured before")
