@@ -2,7 +2,7 @@
 # One call on a lent GPU: install, check the kernels on hardware and time everything; every table is
 # appended to docs/benchmarks.md (and copied to $OUT when set, for the device tool to bring back).
 #
-#     bash benchmarks/gpu_session.sh            # under 10 minutes (step limits sum to 555 s)
+#     bash benchmarks/gpu_session.sh            # under 10 minutes (step limits sum to 560 s)
 #     bash benchmarks/gpu_session.sh rl         # a second call (one call may run 10 minutes): GRPO steps
 #
 # The attention benchmark checks each kernel against the XLA reference on the GPU before timing it
@@ -34,9 +34,15 @@ fi
 # attention: device time (dispatch excluded); paged at pages of 16 and 64 up to 32k (the target case: batch
 # 64, 8k context); flash forward and backward beside cuDNN. A step cut short by its limit still records
 # the rows it measured.
-step 165 benchmarks/attention.py --parts paged --batches 1 64 --contexts 8192 32768 --block-sizes 16 64 --impls pallas cudnn --iters 10
-step 150 benchmarks/attention.py --parts flash --seqs 1024 4096 16384 --iters 10
-step 90 benchmarks/train_mfu.py --models qwen3-0.6b
+# registers and spills of every Pallas kernel (ptxas's report, through Mosaic GPU's dump), compiled by the
+# kernels' self-checks (head_dim 128, bf16); a CPU cannot produce this (the PTX pipeline runs in the CUDA plugin)
+echo "== ptxas: registers and spills per kernel"
+MOSAIC_GPU_DUMP_PTXAS=1 timeout 60 python -c "import kernels as k
+for kind in ('flash', 'paged', 'grouped'): print(kind, 'self-check passed:', k._self_check(kind, 'bfloat16', 128))" 2>&1 \
+    | grep -iE "self-check|registers|spill|error" | head -60
+step 140 benchmarks/attention.py --parts paged --batches 1 64 --contexts 8192 32768 --block-sizes 16 64 --impls pallas cudnn --iters 10
+step 130 benchmarks/attention.py --parts flash --seqs 1024 4096 16384 --iters 10
+step 80 benchmarks/train_mfu.py --models qwen3-0.6b
 step 50 benchmarks/grouped_matmul.py --tokens 4096 16384 --iters 5
 step 100 benchmarks/throughput.py --no-hf  # cold, an untimed call that builds every program, warm
 if [ -n "${OUT:-}" ]; then cp docs/benchmarks.md "$OUT/"; fi
