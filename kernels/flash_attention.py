@@ -91,7 +91,9 @@ def attention_reference(q_BTND, k_BSKD, v_BSKD, *, causal: bool = True, segment_
 #   (exp2(s * c - m)); P cast to 16 bits stays in registers as wgmma's left operand; O accumulates in
 #   place. A schedule barrier alternates the consumers (ping-pong): one's softmax runs under the other's
 #   matmuls. Each consumer's run of tiles is a masked head, an unmasked middle (no iota, compare or select)
-#   and a masked tail (the causal diagonal, a window edge, a segment boundary).
+#   and a masked tail (the causal diagonal, a window edge, a segment boundary). With FlashConfig.overlap
+#   a consumer also pipelines within itself: QK(j + 1) is issued with PV(j) and softmax(j + 1) runs under
+#   PV(j) (FA3's intra-warpgroup overlap; off until measured on a GPU).
 # Out-of-range rows/keys are padding (their segment ids never match).
 
 
