@@ -32,18 +32,25 @@ def time_fn(fn, *args, warmup: int = 2, iters: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def device_loop(fn, args, n: int):
-    """A jitted function of `args` that calls fn(*args) n times in a loop and returns the last outputs.
-    So that no call is hoisted out of the loop (XLA moves loop-invariant work out, and drops optimization
-    barriers before it does), each iteration's smallest floating-point argument gets 0 * (an element of
-    the previous outputs) added."""
+def _tie(args) -> int:
+    """The argument device_loop ties to the previous outputs: the smallest floating-point array."""
     import jax.numpy as jnp
-    from jax import lax
 
     arrays = [i for i, a in enumerate(args) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)]
     if not arrays:
         raise ValueError("time_device needs a floating-point array argument to tie the iterations together")
-    tie = min(arrays, key=lambda i: args[i].size)
+    return min(arrays, key=lambda i: args[i].size)
+
+
+def device_loop(fn, args, n: int):
+    """A jitted function of `args` that calls fn(*args) n times in a loop and returns the last outputs.
+    So that no call is hoisted out of the loop (XLA moves loop-invariant work out, and drops optimization
+    barriers before it does), each iteration's smallest floating-point argument (`_tie`) gets
+    0 * (an element of the previous outputs) added."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    tie = _tie(args)
     shapes = jax.eval_shape(fn, *args)
 
     @jax.jit
@@ -57,21 +64,26 @@ def device_loop(fn, args, n: int):
         init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return lax.fori_loop(0, n, body, init)
 
-    run.tie = tie
     return run
 
 
 def time_device(fn, *args, iters: int = 20, reps: int = 5) -> float:
     """Device seconds per call of fn(*args), dispatch excluded: fn runs 1 and 1 + iters times inside one
     jitted loop (`device_loop`); the per-call time is the difference of the two loops' median wall times
-    over `iters`, less the same for a loop of the tie alone (one elementwise pass over an argument)."""
+    over `iters`, less the same for a loop of the tie alone (one elementwise pass over an argument). A
+    call too short for that difference to show above the timer's noise is timed again over 4x the
+    iterations, up to 64x."""
 
-    def per_call(f) -> float:
-        return (time_fn(device_loop(f, args, 1 + iters), *args, iters=reps)
-                - time_fn(device_loop(f, args, 1), *args, iters=reps)) / iters
+    def per_call(f, n) -> float:
+        return (time_fn(device_loop(f, args, 1 + n), *args, iters=reps)
+                - time_fn(device_loop(f, args, 1), *args, iters=reps)) / n
 
-    tie = device_loop(fn, args, 1).tie
-    return max(per_call(fn) - per_call(lambda *a: a[tie]), 0.0)
+    tie = _tie(args)
+    for n in (iters, 4 * iters, 16 * iters, 64 * iters):
+        t = per_call(fn, n) - per_call(lambda *a: a[tie], n)
+        if t > 0:
+            return t
+    raise RuntimeError(f"a call is too short to time on the device ({64 * iters} iterations showed no time)")
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -132,8 +132,8 @@ class Scheduler:
         """Budgets for a window that continues one still in flight, where each sequence takes up to ahead[r]
         tokens, with the blocks reserved; None when no sequence would be left, when those left would run on
         fewer padded rows (`rows(n, horizon)`: the rows a fresh window takes for n sequences that may still
-        take up to `horizon` tokens) than the window's `rows_now`, or when the free blocks cannot hold the window (the caller then reads the window in
-        flight and schedules afresh)."""
+        take up to `horizon` tokens) than the window's `rows_now`, or when the free blocks cannot hold the
+        window (the caller then reads the window in flight and schedules afresh)."""
         left = [0 if seq.finished else self.left(seq) - a for seq, a in zip(seqs, ahead)]
         n = min(max_steps, max(left))
         if n <= 0 or rows(sum(lf > 0 for lf in left), max(left)) < rows_now:

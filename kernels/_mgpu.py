@@ -48,12 +48,15 @@ def produce(steps, max_steps: int, stages: int, load, *frees):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    loads = tuple(load) if isinstance(load, (tuple, list)) else None
-    if loads is not None and len(loads) != len(frees):
-        raise ValueError(f"{len(loads)} load functions for {len(frees)} free barrier arrays")
+    if isinstance(load, (tuple, list)):  # (the barriers each load waits for, the load)
+        if len(load) != len(frees):
+            raise ValueError(f"{len(load)} load functions for {len(frees)} free barrier arrays")
+        groups = [((free,), f) for free, f in zip(frees, load)]
+    else:
+        groups = [(frees, load)]
 
     def load_all(step, slot):
-        for f in loads or (load,):
+        for _, f in groups:
             f(step, slot)
 
     for s0 in range(min(stages, max_steps)):  # statically in bounds; dynamically only the needed ones
@@ -62,14 +65,10 @@ def produce(steps, max_steps: int, stages: int, load, *frees):
     @pl.loop(stages, steps)
     def _(step):
         slot = lax.rem(step, stages)
-        if loads is None:
-            for free in frees:
+        for waits, f in groups:
+            for free in waits:
                 plgpu.barrier_wait(free.at[slot])
-            load(step, slot)
-        else:
-            for free, f in zip(frees, loads):
-                plgpu.barrier_wait(free.at[slot])
-                f(step, slot)
+            f(step, slot)
 
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _(step):
@@ -111,6 +110,18 @@ def mma_into(acc, lhs, rhs_smem, *, in_place: bool):
     if in_place:
         return pl.run_state(f)(plgpu.ACC.init(acc))
     return acc + mm(lhs, rhs_smem, acc.shape)
+
+
+def release(full, free, stages: int):
+    """A consumer's step over a tile it does not need: observe the slot's fill and release it."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def skip(t, _):
+        slot = lax.rem(t, stages)
+        plgpu.barrier_wait(full.at[slot])
+        plgpu.barrier_arrive(free.at[slot])
+
+    return skip
 
 
 def consume(rng, steps, step, skip, carry, base=0, start=0):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._mgpu import LOG2E, consume, mm, pad_to, produce, row, smem
+from kernels._mgpu import LOG2E, consume, mm, pad_to, produce, release, row, smem
 from kernels.flash_attention import _PAD_KV_SEG, _PAD_Q_SEG, FlashConfig, _visible
 from kernels.tile_ranges import program_ranges, visibility
 
@@ -119,10 +119,7 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
-            def skip(t, _):
-                slot = lax.rem(t, stages)
-                plgpu.barrier_wait(full_bar.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
+            skip = release(full_bar, free, stages)
 
             def head(g, carry):  # query head g of kv head kh: the stream's steps g * per_head + [0, per_head)
                 return consume(rng, per_head, body, skip, carry, base=g * per_head)
@@ -221,10 +218,7 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
                 plgpu.barrier_arrive(free.at[slot])
                 return dq
 
-            def skip(t, _):
-                slot = lax.rem(t, stages)
-                plgpu.barrier_wait(full_bar.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
+            skip = release(full_bar, free, stages)
 
             dq = consume(rng, steps, body, skip,
                          plgpu.layout_cast(jnp.zeros((BQ, D), jnp.float32), plgpu.Layout.WGMMA))
