@@ -63,36 +63,41 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         return self.num_free >= self.blocks_needed(len(seq))
 
+    def _cached_prefix(self, tokens: list[int]) -> list[tuple[int, int]]:
+        """(hash, block id) of the leading full blocks of `tokens` found in the prefix cache; the block holding
+        the last token is never shared (its K/V must be computed for the first sample)."""
+        bs, prev, out = self.block_size, None, []
+        for i in range((len(tokens) - 1) // bs):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = self.chain_hash(prev, chunk)
+            cached = self.hash_to_block.get(h)
+            if cached is None or self.blocks[cached].token_ids != chunk:  # a miss, or a hash collision
+                break
+            out.append((h, cached))
+            prev = h
+        return out
+
+    def cached_tokens(self, seq: Sequence) -> int:
+        """Tokens of seq that `allocate` would find in the prefix cache now."""
+        return len(self._cached_prefix(seq.token_ids)) * self.block_size
+
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of seq's current tokens, sharing cached full prefix blocks."""
         assert not seq.block_table
-        seq.num_cached = 0
         tokens = seq.token_ids
-        bs = self.block_size
-        prev, hits = None, True
-        for i in range(self.blocks_needed(len(tokens))):
-            chunk = tuple(tokens[i * bs:(i + 1) * bs])
-            cached = None
-            shareable = len(chunk) == bs and (i + 1) * bs <= len(tokens) - 1
-            self.cache_queries += shareable
-            if hits and shareable:
-                h = self.chain_hash(prev, chunk)
-                cached = self.hash_to_block.get(h)
-                if cached is not None and self.blocks[cached].token_ids != chunk:
-                    cached = None  # a hash collision
-            if cached is not None:
-                block = self.blocks[cached]
-                if block.ref_count == 0:
-                    self.free.remove(block.id)
-                block.ref_count += 1
-                seq.num_cached += bs
-                seq.hashes.append(h)
-                self.cache_hits += 1
-                prev = h
-            else:
-                hits = False
-                block = self._new_block()
+        hits = self._cached_prefix(tokens)
+        self.cache_queries += (len(tokens) - 1) // self.block_size  # the blocks that could be shared
+        self.cache_hits += len(hits)
+        for h, block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self.free.remove(block.id)
+            block.ref_count += 1
+            seq.hashes.append(h)
             seq.block_table.append(block.id)
+        seq.num_cached = len(hits) * self.block_size
+        for _ in range(self.blocks_needed(len(tokens)) - len(hits)):
+            seq.block_table.append(self._new_block().id)
         seq.num_computed = seq.num_cached
 
     def _new_block(self) -> Block:

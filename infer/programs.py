@@ -2,9 +2,11 @@
 paid for itself.
 
 Every step has its own program, the bucket of its shape: (rows, tokens, table width) for a prefill step,
+(rows, tokens, the longest row) for a packed prefill step (new sequences back to back in one row),
 (rows, table width) for a decode window, and the sampler variant (`fast`: the greedy argmax). A program
 with larger dimensions serves the step too: rows and block-table columns past the step's own are padding,
-and tokens are right-aligned, so a longer token dimension pads in front. It costs more compute per run.
+prefill tokens are right-aligned, so a longer token dimension pads in front (packed: at the end), and a
+longer row bound only looks further back. It costs more compute per run.
 
 Building a program stalls every request in the engine for the trace, lowering and compile (1-2 s for a
 decode window on a 2-core CPU, several seconds for a large model on a GPU), while a shrinking batch may
@@ -32,9 +34,10 @@ first request), infinity never builds one that a built program covers. A build t
 here: with the persistent compilation cache, a load from disk is cheap, and later programs are then
 built sooner.
 
-A prefill step may run on the full sampler's program when it could take the greedy argmax (one step's
-sampling is a small part of its time, and the full program's compile is the larger); a decode window runs
-its own variant's program (the full sampler's top-logprobs at every step of a window cost more).
+A prefill step (padded or packed) may run on the full sampler's program when it could take the greedy
+argmax (one step's sampling is a small part of its time, and the full program's compile is the larger); a
+decode window runs its own variant's program (the full sampler's top-logprobs at every step of a window
+cost more).
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ from typing import NamedTuple
 
 
 class Shape(NamedTuple):
-    kind: str  # "prefill" or "decode"
-    dims: tuple[int, ...]  # prefill: (rows, tokens, table width); decode: (rows, table width)
+    kind: str  # "prefill", "packed" or "decode"
+    dims: tuple[int, ...]  # prefill: (rows, tokens, table width); packed: (rows, tokens, longest row);
+    # decode: (rows, table width)
     fast: bool  # the greedy argmax program (no sampling, penalties or logprobs)
 
     def volume(self) -> int:
@@ -54,7 +58,7 @@ class Shape(NamedTuple):
 
     def covers(self, other: "Shape") -> bool:
         """Whether this program can run a step whose own program is `other`."""
-        variant = self.fast == other.fast or (self.kind == "prefill" and other.fast and not self.fast)
+        variant = self.fast == other.fast or (self.kind != "decode" and other.fast and not self.fast)
         return self.kind == other.kind and variant and all(a >= b for a, b in zip(self.dims, other.dims))
 
 

@@ -110,6 +110,10 @@ class ModelRunner:
         self.dtype = jnp.dtype(dtype)
         self.attn_impl = attn_impl
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2), static_argnames=("fast",))
+        self._packed_step = jax.jit(self._packed_step_impl, donate_argnums=(1, 2),
+                                    static_argnames=("fast", "max_segment"))
+        # prefill steps of new sequences only run packed (cuDNN's attention takes no segment ids)
+        self.packed_prefill = attn_impl != "cudnn"
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2), static_argnames=("fast",))
         self._reset_slot = jax.jit(self._reset_slot_impl, donate_argnums=(0,))
         self.programs = Programs()
@@ -183,14 +187,18 @@ class ModelRunner:
                                         jnp.int32(len(seq.prompt_ids)))
 
     # ------------------------------------------------------------------ the step
-    def _logits(self, params, cache, ids, positions, meta):
+    def _logits(self, params, cache, ids, positions, meta, packed=None):
         """-> (logits at each row's last token, vocabulary-major [V, B] float32, updated cache, routes
         [L_moe, B, T, k] or None). The head is the product's left operand (V rows against a handful of
-        batch columns): on CPU that runs 1.3-1.5x faster than [B, D] x [D, V] at 8-32 rows."""
-        out = qwen_jax.forward(self.config, params, ids, positions=positions, cache=cache, meta=meta,
-                               dtype=self.dtype, rules=self.rules, attn_impl=self.attn_impl, return_hidden=True)
+        batch columns): on CPU that runs 1.3-1.5x faster than [B, D] x [D, V] at 8-32 rows.
+        `packed` (segments [1, T], last [B], max_segment): the rows packed in one (see `_packed_impl`)."""
+        segments, last, max_segment = packed or (None, None, None)
+        out = qwen_jax.forward(self.config, params, ids, positions=positions, segment_ids=segments, cache=cache,
+                               meta=meta, dtype=self.dtype, rules=self.rules, attn_impl=self.attn_impl,
+                               return_hidden=True, max_segment=max_segment)
+        hidden_BD = out.hidden[:, -1] if last is None else out.hidden[0, last]
         head, axes = stored_output_head(self.config, params)
-        logits_VB = jnp.einsum(f"{axes},BD->VB", head.astype(self.dtype), out.hidden[:, -1],
+        logits_VB = jnp.einsum(f"{axes},BD->VB", head.astype(self.dtype), hidden_BD,
                                preferred_element_type=jnp.float32)
         routes = out.routes.astype(jnp.int16) if self.record_routes else None
         return logits_VB, out.cache, routes
@@ -211,6 +219,17 @@ class ModelRunner:
     def _step_impl(self, params, cache, penalty, ids, positions, slots, block_tables, lengths, rows, valid, rp,
                    fast):
         logits, cache, routes = self._logits(params, cache, ids, positions, AttentionMeta(slots, block_tables, lengths))
+        tokens, chosen, top_ids, top_lp, penalty = self._sample(logits, penalty, rows, valid, rp, fast)
+        return cache, penalty, tokens, chosen, top_ids, top_lp, routes
+
+    def _packed_step_impl(self, params, cache, penalty, ids, positions, slots, segments, last, rows, valid, rp,
+                          fast, max_segment):
+        """A prefill step of new sequences packed into one row: ids, positions, slots and segments [1, T] hold
+        row r's tokens (segment r) back to back, padding at the end (slot -1, segment B); last [B]: the
+        column of each row's last token. Attention stays within a segment (`qwen_jax.forward`)."""
+        B = last.shape[0]
+        meta = AttentionMeta(slots, jnp.zeros((B, 1), jnp.int32), jnp.zeros((B,), jnp.int32))  # pool not read
+        logits, cache, routes = self._logits(params, cache, ids, positions, meta, (segments, last, max_segment))
         tokens, chosen, top_ids, top_lp, penalty = self._sample(logits, penalty, rows, valid, rp, fast)
         return cache, penalty, tokens, chosen, top_ids, top_lp, routes
 
@@ -285,7 +304,10 @@ class ModelRunner:
 
     def run(self, batch: list[tuple[Sequence, int]]):
         """One step for [(seq, new tokens)] -> (tokens, chosen logprobs, top ids, top logprobs, valid) as numpy;
-        `valid[r]`: row r reached its sequence's end, so its sample is a new token."""
+        `valid[r]`: row r reached its sequence's end, so its sample is a new token. A step of new sequences
+        only (nothing of them cached) runs packed (`_run_packed`); else each row is padded to the longest."""
+        if self.packed_prefill and all(seq.num_computed == 0 for seq, _ in batch):
+            return self._run_packed(batch)
         n = len(batch)
         seqs = [s for s, _ in batch]
         T = bucket(max(max(k for _, k in batch), MIN_PREFILL_TOKENS))
@@ -311,11 +333,51 @@ class ModelRunner:
         rp = sampling.row_params([s.params for s in seqs], [s.seed for s in seqs],
                                  [len(s.output_ids) for s in seqs], B)
         t0 = time.perf_counter()
-        self.cache, self.penalty, tokens, chosen, top_ids, top_lp, routes = self._step(
+        self.cache, self.penalty, *outs = self._step(
             self.params, self.cache, self.penalty, ids, positions, slots, tables, lengths, rows, valid,
             rp, fast=used.fast)
+        return self._read_step(own, used, t0, outs, slots, valid, n)
+
+    def _run_packed(self, batch: list[tuple[Sequence, int]]):
+        """`run` for new sequences: their tokens back to back in one row, so a step computes the tokens it
+        has (rounded up to a power of two) instead of rows x the longest row. Its program's dims are (rows,
+        tokens, the longest row), the last bounding how far back attention looks."""
+        n = len(batch)
+        seqs = [s for s, _ in batch]
+        lens = np.array([k for _, k in batch])
+        own = Shape("packed", (bucket(n, self.max_num_seqs), bucket(max(int(lens.sum()), MIN_PREFILL_TOKENS)),
+                               bucket(max(int(lens.max()), MIN_PREFILL_TOKENS))), self._fast(seqs))
+        used = self.programs.choose(own)
+        B, T, longest = used.dims
+        rows = self._prepare_rows(seqs, B)
+        bs = self.block_size
+        ids = np.zeros((1, T), np.int32)
+        positions = np.zeros((1, T), np.int32)
+        slots = np.full((1, T), -1, np.int32)
+        segments = np.full((1, T), B, np.int32)  # padding: a segment of its own
+        ends = np.cumsum(lens)
+        last = np.zeros(B, np.int32)
+        last[:n] = ends - 1
+        valid = np.zeros(B, bool)
+        for r, (seq, k) in enumerate(batch):
+            a, pos = ends[r] - k, np.arange(k)
+            ids[0, a:a + k] = seq.tokens(0, k)
+            positions[0, a:a + k] = pos
+            slots[0, a:a + k] = np.asarray(seq.block_table, np.int32)[pos // bs] * bs + pos % bs
+            segments[0, a:a + k] = r
+            valid[r] = k == len(seq)
+        rp = sampling.row_params([s.params for s in seqs], [s.seed for s in seqs],
+                                 [len(s.output_ids) for s in seqs], B)
+        t0 = time.perf_counter()
+        self.cache, self.penalty, *outs = self._packed_step(
+            self.params, self.cache, self.penalty, ids, positions, slots, segments, last, rows, valid, rp,
+            fast=used.fast, max_segment=longest)
+        return self._read_step(own, used, t0, outs, slots, valid, n)
+
+    def _read_step(self, own: Shape, used: Shape, t0: float, outs, slots: np.ndarray, valid: np.ndarray, n: int):
+        """A dispatched prefill step's results, read back (routes to the routes pool) -> `run`'s tuple."""
         start = self._built(used, t0)
-        tokens, chosen, top_ids, top_lp, routes = jax.device_get((tokens, chosen, top_ids, top_lp, routes))
+        tokens, chosen, top_ids, top_lp, routes = jax.device_get(outs)
         self._idle_since = time.perf_counter()
         self.programs.record_run(own, used, self._idle_since - start)
         if routes is not None and self.routes_pool is not None:
@@ -411,8 +473,8 @@ class ModelRunner:
     def warmup_shapes(self, max_len: int) -> list[tuple[str, int, int]]:
         """The programs sequences up to `max_len` tokens meet, as (kind, rows, tokens or table width):
         ("decode", B, W) for greedy and for sampling windows at every row and table-width bucket, and
-        ("prefill", 1, T) for one prompt chunk at every token bucket (the full sampler's program, which
-        serves greedy batches too: `programs.Shape.covers`)."""
+        ("prefill", 1, T) for one new prompt (packed) at every token bucket (the full sampler's program,
+        which serves greedy batches too: `programs.Shape.covers`)."""
         bs = self.block_size
         rows = sorted({self.decode_rows(n) for n in range(1, self.max_num_seqs + 1)})
         widths = sorted({bucket(w, self.max_blocks) for w in range(1, cdiv(max_len, bs) + 1)})
@@ -433,6 +495,12 @@ class ModelRunner:
                 self.params, self.cache, self.penalty, *self._on_device(zeros, np.zeros(B, bool)), zeros,
                 np.zeros((B, n), np.int32), zeros, zeros, np.full((B, 4), -1, np.int32), np.int32(0), rp,
                 fast=shape.fast)
+        elif self.packed_prefill:
+            shape = Shape("packed", (B, n, n), False)
+            grid = np.zeros((1, n), np.int32)
+            self.cache, self.penalty, *out = self._packed_step(
+                self.params, self.cache, self.penalty, grid, grid, np.full((1, n), -1, np.int32), grid, zeros,
+                zeros, np.zeros(B, bool), rp, fast=False, max_segment=n)
         else:
             W = bucket(cdiv(n, self.block_size), self.max_blocks)
             shape = Shape("prefill", (B, n, W), False)

@@ -3,7 +3,9 @@ them after it. The scheduler owns the block manager and the sampler's penalty sl
 
 A step is either a prefill step or a decode step (prefill first, as nano-vllm):
   * prefill: sequences still prefilling (a long prompt continues in chunks) and newly admitted ones, up to
-    `max_num_batched_tokens` tokens and `max_num_seqs` sequences;
+    `max_num_batched_tokens` tokens and `max_num_seqs` sequences. A prompt is split only when it does not
+    fit an empty step: one that does not fit what a step has left waits for the next, so that steps of new
+    prompts stay whole (the runner packs those; a continued chunk needs the padded layout);
   * decode: one token for every running sequence. When the pool has no block for a sequence's next token,
     the most recently admitted sequence is preempted: its blocks are freed and it returns to the front of
     the queue, to be recomputed later. No request is ever dropped.
@@ -69,6 +71,8 @@ class Scheduler:
                 break
             if self._held(seq):
                 continue
+            if batch and len(seq) > budget and len(seq) - bm.cached_tokens(seq) > budget:
+                break  # it waits for a step with room for it whole (see the module's note)
             if not bm.can_allocate(seq) or (seq.slot < 0 and not self.free_slots):
                 break
             self.waiting.remove(seq)

@@ -126,6 +126,7 @@ class Attention(nn.Module):
     rules: ShardingRules | None
     attn_impl: str
     lora: LoraConfig | None = None
+    max_segment: int | None = None  # packed prefill: the longest segment (see `forward`)
 
     @nn.compact
     def __call__(self, x_BTD, cos, sin, segment_ids, cache, layer, meta):
@@ -155,16 +156,18 @@ class Attention(nn.Module):
         k = RMSNorm(c.rms_norm_eps, dt, self.param_dtype, name="k_norm")(k)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
 
-        if cache is None:
-            impl = kernels.attention_impl(self.attn_impl, q, k, segment_ids=segment_ids)
+        if cache is not None:
+            k_pool, v_pool = kernels.write_pages(cache["k"], cache["v"], k, v, meta.slot_mapping, layer=layer)
+            cache = {"k": k_pool, "v": v_pool}
+        if cache is None or segment_ids is not None:  # no cache, or packed prefill (all keys are new ones)
+            window = self.max_segment  # a query's segment starts at most max_segment - 1 tokens back
+            impl = kernels.attention_impl(self.attn_impl, q, k, segment_ids=segment_ids, sliding_window=window)
 
             def attend(q, k, v, seg):
-                return kernels.attention(q, k, v, causal=True, segment_ids=seg, impl=impl)
+                return kernels.attention(q, k, v, causal=True, segment_ids=seg, sliding_window=window, impl=impl)
 
             out = _per_shard(self.rules, impl, attend, (q, k, v, segment_ids), ("q", "kv", "kv", "seq"))
         else:
-            k_pool, v_pool = kernels.write_pages(cache["k"], cache["v"], k, v, meta.slot_mapping, layer=layer)
-            cache = {"k": k_pool, "v": v_pool}
             impl = kernels.paged_attention_impl(self.attn_impl, q, k_pool)
 
             def attend(q, kp, vp, bt, ln, lyr):
@@ -240,13 +243,14 @@ class DecoderLayer(nn.Module):
     attn_impl: str
     collect_hidden: bool
     lora: LoraConfig | None = None
+    max_segment: int | None = None
 
     @nn.compact
     def __call__(self, carry, cos, sin, segment_ids, meta, routes_BTK=None):
         x, cache, layer = carry
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         h = RMSNorm(c.rms_norm_eps, dt, pdt, name="input_norm")(x)
-        h, cache = Attention(c, dt, pdt, self.rules, self.attn_impl, self.lora, name="attn")(
+        h, cache = Attention(c, dt, pdt, self.rules, self.attn_impl, self.lora, self.max_segment, name="attn")(
             h, cos, sin, segment_ids, cache, layer, meta)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, dt, pdt, name="post_attn_norm")(x)
@@ -275,6 +279,7 @@ class Qwen3(nn.Module):
     remat: str = "none"
     collect_hidden: bool = False
     lora: LoraConfig | None = None
+    max_segment: int | None = None
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids=None, cache=None, meta=None, return_hidden=False,
@@ -306,7 +311,7 @@ class Qwen3(nn.Module):
             if is_moe and routes is not None:
                 group_routes = routes[moe_seen:moe_seen + stop - start]
             carry, (rl, ex, hs) = scanned(c, is_moe, dt, self.param_dtype, self.rules, self.attn_impl,
-                                          self.collect_hidden, self.lora, name=f"layers_{g}")(
+                                          self.collect_hidden, self.lora, self.max_segment, name=f"layers_{g}")(
                 carry, cos, sin, segment_ids, meta, group_routes)
             if is_moe:
                 router_logits.append(rl)
@@ -352,12 +357,16 @@ def _default_positions(input_ids):
 def forward(config: Qwen3Config, params, input_ids, positions=None, segment_ids=None, cache=None,
             meta: AttentionMeta | None = None, *, dtype=None, rules: ShardingRules | None = None,
             attn_impl: str = "auto", remat: str = "none", return_hidden: bool = False,
-            output_hidden_states: bool = False, lora: LoraConfig | None = None, routes=None) -> ForwardOutput:
+            output_hidden_states: bool = False, lora: LoraConfig | None = None, routes=None,
+            max_segment: int | None = None) -> ForwardOutput:
     """Pure, jittable forward.
 
     input_ids [B, T] int32; positions [B, T] (default 0..T-1); segment_ids [B, T] (packed documents,
     attention stays within equal ids); cache {"k","v": [L, num_blocks, block_size, Hkv, Hd]} with
-    `meta` for the paged path. `dtype` is the compute dtype (default: the params' dtype). With `lora`, params
+    `meta` for the paged path. With a cache and segment_ids together (packed prefill), each segment is a
+    new sequence (nothing of it cached before): its keys and values are written at `meta.slot_mapping`,
+    and it attends within its segment only, so the pool is not read. `max_segment` (static), the longest
+    segment's length, lets the XLA attention skip keys further back than that. `dtype` is the compute dtype (default: the params' dtype). With `lora`, params
     must also hold the adapter tensors (`qwen_jax.lora.combine(base, adapters)`). `routes` [L_moe, B, T, k]
     int32 replays given expert choices in the MoE layers (weights still from this forward's router);
     `out.routes` reports the choices made.
@@ -369,7 +378,7 @@ def forward(config: Qwen3Config, params, input_ids, positions=None, segment_ids=
     if positions is None:
         positions = _default_positions(input_ids)
     model = Qwen3(config, dtype=dtype, param_dtype=params["embed"].dtype, rules=rules, attn_impl=attn_impl,
-                  remat=remat, collect_hidden=output_hidden_states, lora=lora)
+                  remat=remat, collect_hidden=output_hidden_states, lora=lora, max_segment=max_segment)
     return model.apply({"params": params}, input_ids, positions, segment_ids, cache, meta, return_hidden, routes)
 
 

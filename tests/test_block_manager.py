@@ -112,12 +112,31 @@ def test_scheduler_respects_the_token_budget_and_sequence_cap(lengths, budget, m
         prefill = any(s.in_prefill or k > 1 for s, k in batch)
         if prefill:
             assert sum(k for _, k in batch) <= budget
+            assert all(k == len(s) - s.num_computed for s, k in batch[1:])  # only a step's first is split
         else:
             assert all(k == 1 for _, k in batch)
         valid = [s.num_computed + k == len(s) for s, k in batch]
         sch.postprocess(batch, [1] * len(batch), valid)
     assert sch.done and all(s.finished and len(s.output_ids) == 3 for s in seqs)
     assert sch.block_manager.num_free == 200 and sorted(sch.free_slots) == list(range(max_seqs))
+
+
+def test_a_prompt_waits_for_room_rather_than_split_unless_it_starts_a_step():
+    """64-token steps: a 40-token prompt leaves 24, so the next 40-token one waits for the next step whole;
+    a 100-token prompt, too long for any step, is split in the step it starts, and its continuation leaves
+    no room for the prompt after it."""
+    sch = Scheduler(num_blocks=200, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256)
+    a, b, c, d = (seq(range(i * 1000, i * 1000 + n), max_tokens=2) for i, n in enumerate([40, 40, 100, 30]))
+    for s in (a, b, c, d):
+        sch.add(s)
+    steps = []
+    while sch.running or sch.waiting:
+        batch = sch.schedule()
+        if all(k == 1 and not s.in_prefill for s, k in batch):
+            break
+        steps.append([(s, k) for s, k in batch])
+        sch.postprocess(batch, [1] * len(batch), [s.num_computed + k == len(s) for s, k in batch])
+    assert steps == [[(a, 40)], [(b, 40)], [(c, 64)], [(c, 36)], [(d, 30)]]
 
 
 def test_preemption_takes_the_newest_and_requeues_it_first():

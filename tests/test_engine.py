@@ -59,6 +59,29 @@ def test_greedy_matches_transformers_single_and_batched(model_dir, rng):
         assert out.token_ids == exp and out.finish_reason == "length"
 
 
+def test_packed_prefill_gives_the_padded_outputs(model_dir, rng):
+    """New prompts prefill back to back in one row (segment ids keep each to itself): the same tokens and
+    logprobs as one padded row per prompt, greedy and sampled, dense and MoE. The 70-token prompt is longer
+    than a 64-token step: its first chunk runs packed, its continuation (with cached keys) padded."""
+    _, path = model_dir
+    prompts = _prompts(rng, [5, 23, 11, 40, 1, 70])
+    params = [SamplingParams(temperature=0 if i % 2 else 0.9, seed=i, max_tokens=8, ignore_eos=True, logprobs=2)
+              for i in range(len(prompts))]
+    runs = {}
+    for packed in (True, False):
+        llm = LLM(path, max_model_len=128, num_kv_blocks=64, block_size=8, max_num_batched_tokens=64,
+                  compilation_cache=False)
+        llm.engine.runner.packed_prefill = packed
+        runs[packed] = llm.generate(prompts, params, use_tqdm=False), {s.kind for s in llm.engine.runner.programs.built}
+        llm.shutdown()
+    (packed, packed_kinds), (padded, padded_kinds) = runs.values()
+    assert packed_kinds == {"packed", "prefill", "decode"} and padded_kinds == {"prefill", "decode"}
+    for x, y in zip(packed, padded):
+        assert x.token_ids == y.token_ids
+        for lx, ly in zip(x.logprobs, y.logprobs):
+            assert list(lx) == list(ly) and np.allclose(list(lx.values()), list(ly.values()), atol=1e-5)
+
+
 def test_chunked_prefill_and_preemption_under_pressure(dense_dir, rng):  # scheduling is model-agnostic
     model, path = dense_dir
     n = 10
@@ -261,7 +284,7 @@ def test_a_prefill_shape_compiles_one_sampler_variant_where_it_can(dense_dir, rn
 
 def test_warmup_compiles_every_decode_program_a_workload_meets(dense_dir, rng, capsys):
     """After LLM(warmup=True), requests of up to max_model_len tokens (greedy and sampled, any batch) compile
-    no decode program; the warm-up shows a progress bar."""
+    no decode program, and one prompt alone no program at all; the warm-up shows a progress bar."""
     _, path = dense_dir
     with Compilations() as built:
         llm = LLM(path, max_model_len=32, max_num_seqs=12, num_kv_blocks=40, warmup=True, compilation_cache=False)
@@ -275,6 +298,9 @@ def test_warmup_compiles_every_decode_program_a_workload_meets(dense_dir, rng, c
                                      ignore_eos=True) for i, m in enumerate(rng.integers(1, 17, n))]
             llm.generate(prompts, params, use_tqdm=False)
     assert later.count("_decode_impl") == 0, later.names
+    with Compilations() as single:  # one new prompt alone: its packed prefill program was built too
+        llm.generate(_prompts(rng, [9]), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert single.count() == 0, single.names
 
 
 def test_penalty_state_is_touched_only_by_requests_with_penalties(dense_dir, rng):
@@ -482,7 +508,7 @@ def test_a_second_process_loads_every_program_from_the_compilation_cache(dense_d
     compiled = runs[1].stderr.count("Finished XLA compilation")
     hits = runs[1].stderr.count("Persistent compilation cache hit")
     assert compiled > 0 and hits == compiled  # the second process compiled nothing itself
-    assert "Persistent compilation cache hit for 'jit__step_impl'" in runs[1].stderr
+    assert "Persistent compilation cache hit for 'jit__packed_step_impl'" in runs[1].stderr  # a new prompt: packed
 
 
 @pytest.mark.parametrize("flags,words", [
