@@ -2,7 +2,6 @@
 rewards, the engine's parameter updates, the rollout = trainer log-prob contract, and learning."""
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
