@@ -82,6 +82,9 @@ def test_forward_and_gradients_match_reference(rng, B, T, N, K, causal, segments
     pytest.param(70, 300, None, None, True, 2, False, marks=JAX011),  # prefill after a cache: end-aligned
     pytest.param(400, 400, [250, 150], None, True, 2, True, marks=JAX011),  # forward: QK(j+1) beside PV(j)
     pytest.param(384, 384, [384], 160, False, 1, True, marks=JAX011),
+    # packed prefill (infer's runner): prompts back to back, a padding segment last, the window a bound on
+    # the longest prompt
+    pytest.param(800, 800, [270, 200, 250, 80], 512, False, 2, False, marks=JAX011),
 ])
 def test_tile_skipping_and_unmasked_runs_match_reference(rng, T, S, docs, window, unmasked, N, overlap):
     """Cases whose tile runs (checked below) skip tiles (above the causal diagonal; below a window or a
