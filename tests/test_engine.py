@@ -59,11 +59,12 @@ def test_greedy_matches_transformers_single_and_batched(model_dir, rng):
         assert out.token_ids == exp and out.finish_reason == "length"
 
 
-def test_packed_prefill_gives_the_padded_outputs(model_dir, rng):
+def test_packed_prefill_gives_the_padded_outputs(dense_dir, rng):
     """New prompts prefill back to back in one row (segment ids keep each to itself): the same tokens and
-    logprobs as one padded row per prompt, greedy and sampled, dense and MoE. The 70-token prompt is longer
-    than a 64-token step: its first chunk runs packed, its continuation (with cached keys) padded."""
-    _, path = model_dir
+    logprobs as one padded row per prompt, greedy and sampled. The 70-token prompt is longer than a 64-token
+    step: its first chunk runs packed, its continuation (with cached keys) padded. (MoE's packed prefill:
+    tests/test_cache_path.py, and the greedy test above against transformers.)"""
+    _, path = dense_dir
     prompts = _prompts(rng, [5, 23, 11, 40, 1, 70])
     params = [SamplingParams(temperature=0 if i % 2 else 0.9, seed=i, max_tokens=8, ignore_eos=True, logprobs=2)
               for i in range(len(prompts))]

@@ -76,7 +76,8 @@ def test_forward_and_gradients_match_reference(rng, B, T, N, K, causal, segments
 
 
 @pytest.mark.parametrize("T,S,docs,window,unmasked,N,overlap", [
-    (400, 400, [250, 150], None, True, 1, False),  # packed rows: skipped tiles, unmasked middles, ring wrapped
+    # packed rows: skipped tiles, unmasked middles, ring wrapped (jax 0.10's interpreter took 43 s)
+    pytest.param(400, 400, [250, 150], None, True, 1, False, marks=JAX011),
     pytest.param(400, 400, [250, 150], None, True, 2, False, marks=JAX011),  # the same with GQA 2
     pytest.param(384, 384, [384], 160, False, 2, False, marks=JAX011),  # a window: earlier tiles never loaded
     pytest.param(70, 300, None, None, True, 2, False, marks=JAX011),  # prefill after a cache: end-aligned
