@@ -9,7 +9,9 @@ sequence's back through its block table before its blocks are freed.
 
 Shapes are bucketed to powers of two (rows, tokens per row, block-table width), so after the first few
 steps decoding never recompiles. Rows are right-aligned: each row's new tokens end in the last column
-(padding goes in front with cache slot -1), so the last column holds every row's last token.
+(padding goes in front with cache slot -1), so the last column holds every row's last token. A prefill
+step of new sequences only runs packed instead (`_run_packed`): their tokens back to back in one row with
+a segment id each, so the step computes the tokens it has rather than rows x the longest.
 
 Decoding runs in multi-step windows (`decode`): one jitted call runs up to `decode_steps` steps in a
 `lax.while_loop`, feeding each sampled token back on device, stopping a row at its stop tokens or token
@@ -191,7 +193,7 @@ class ModelRunner:
         """-> (logits at each row's last token, vocabulary-major [V, B] float32, updated cache, routes
         [L_moe, B, T, k] or None). The head is the product's left operand (V rows against a handful of
         batch columns): on CPU that runs 1.3-1.5x faster than [B, D] x [D, V] at 8-32 rows.
-        `packed` (segments [1, T], last [B], max_segment): the rows packed in one (see `_packed_impl`)."""
+        `packed` (segments [1, T], last [B], max_segment): the rows packed in one (`_packed_step_impl`)."""
         segments, last, max_segment = packed or (None, None, None)
         out = qwen_jax.forward(self.config, params, ids, positions=positions, segment_ids=segments, cache=cache,
                                meta=meta, dtype=self.dtype, rules=self.rules, attn_impl=self.attn_impl,

@@ -365,11 +365,12 @@ def forward(config: Qwen3Config, params, input_ids, positions=None, segment_ids=
     attention stays within equal ids); cache {"k","v": [L, num_blocks, block_size, Hkv, Hd]} with
     `meta` for the paged path. With a cache and segment_ids together (packed prefill), each segment is a
     new sequence (nothing of it cached before): its keys and values are written at `meta.slot_mapping`,
-    and it attends within its segment only, so the pool is not read. `max_segment` (static), the longest
-    segment's length, lets the XLA attention skip keys further back than that. `dtype` is the compute dtype (default: the params' dtype). With `lora`, params
-    must also hold the adapter tensors (`qwen_jax.lora.combine(base, adapters)`). `routes` [L_moe, B, T, k]
-    int32 replays given expert choices in the MoE layers (weights still from this forward's router);
-    `out.routes` reports the choices made.
+    and it attends within its segment only, so the pool is not read. `max_segment` (static): no segment
+    is longer; passed on as a sliding window (which the segments imply, so the result is the same), it
+    lets attention skip keys further back. `dtype` is the compute dtype (default: the params' dtype).
+    With `lora`, params must also hold the adapter tensors (`qwen_jax.lora.combine(base, adapters)`).
+    `routes` [L_moe, B, T, k] int32 replays given expert choices in the MoE layers (weights still from this
+    forward's router); `out.routes` reports the choices made.
     """
     if (cache is None) != (meta is None):
         raise ValueError("cache and meta must be given together")
