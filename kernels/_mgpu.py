@@ -124,6 +124,17 @@ def release(full, free, stages: int):
     return skip
 
 
+def write_back(*pairs):
+    """Copy finished SMEM tiles to GMEM by TMA: make the threads' SMEM writes visible to the copies, issue
+    each (smem, gmem) copy, and wait for all of them."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    plgpu.commit_smem()
+    for src, dst in pairs:
+        plgpu.copy_smem_to_gmem(src, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def consume(rng, steps, step, skip, carry, base=0, start=0):
     """One consumer's pass over a stream of `steps` tiles (stream indices base + [start, steps)) given its
     run rng = (lo, u_lo, u_hi, hi) relative to the stream (`tile_ranges`): skip(t, None) observes and

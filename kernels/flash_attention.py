@@ -14,10 +14,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._mgpu import LOG2E, consume, mma_into, pad_to, produce, row, smem
+from kernels._mgpu import LOG2E, consume, mma_into, pad_to, produce, row, smem, write_back
 from kernels.tile_ranges import program_ranges, visibility
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def softmax_result(acc, m_i, l_i):
+    """The end of an online softmax in exp2 units (running max m_i, sum l_i per row of acc): (acc / l_i,
+    log-sum-exp in natural units); a row with no visible key gives 0 and -inf."""
+    seen = m_i > 0.5 * _MASKED
+    inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+    lse = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l_i, 1.0))) / LOG2E, -jnp.inf)
+    return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), lse
 
 
 def attention_mask(T: int, S: int, *, causal: bool, q_segment_ids=None, kv_segment_ids=None,
@@ -309,14 +318,10 @@ def flash_attention_forward(q, k, v, q_seg, kv_seg, *, causal: bool, sliding_win
                 carry = consume(rest, steps, body_ov, skip, carry, start=a)
                 acc, m_i, l_i, _ = lax.cond(lo < hi, last, lambda c: c, carry)
             pl.when(wg == 0)(schedule)
-            seen = m_i > 0.5 * _MASKED  # rows with at least one visible key
-            inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
-            q_smem[wg] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-            lse_smem[wg] = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l_i, 1.0))) / LOG2E, -jnp.inf)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(q0, BQ), h])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, BQ)])
-            plgpu.wait_smem_to_gmem(0)
+            o, lse = softmax_result(acc, m_i, l_i)
+            q_smem[wg], lse_smem[wg] = o.astype(dtype), lse
+            write_back((q_smem.at[wg], o_ref.at[b, pl.ds(q0, BQ), h]),
+                       (lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, BQ)]))
 
         @pl.when(wg == 2)
         def _producer():

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._mgpu import LOG2E, consume, mm, pad_to, produce, release, row, smem
+from kernels._mgpu import LOG2E, consume, mm, pad_to, produce, release, row, smem, write_back
 from kernels.flash_attention import _PAD_KV_SEG, _PAD_Q_SEG, FlashConfig, _visible
 from kernels.tile_ranges import program_ranges, visibility
 
@@ -128,10 +128,7 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
             dk, dv = lax.fori_loop(0, G, head, (zeros, zeros))
             k_smem[wg] = (dk * scale).astype(dtype)  # the K and V tiles are done with: stage the results
             v_smem[wg] = dv.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, blk, kh])
-            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, blk, kh])
-            plgpu.wait_smem_to_gmem(0)
+            write_back((k_smem.at[wg], dk_ref.at[b, blk, kh]), (v_smem.at[wg], dv_ref.at[b, blk, kh]))
 
         @pl.when(wg == 2)
         def _producer():
@@ -177,7 +174,8 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
         *t_refs, dq_ref, scoped = refs  # t_refs: (v) with the in-SMEM transpose, else (kT, vT)
         b, h, ip_ = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("i")
         wg = lax.axis_index("wg")
-        (q_smem, do_smem, lse_smem, dl_smem, qs_smem, k_smem, ks_smem, ds_smem, *t_smem), (q_bar, full_bar, free) = scoped
+        smems, (q_bar, full_bar, free) = scoped
+        q_smem, do_smem, lse_smem, dl_smem, qs_smem, k_smem, ks_smem, ds_smem, *t_smem = smems
         plo, phi = rg_ref[b, ip_, 0], rg_ref[b, ip_, 1]
         steps = phi - plo
         kh = lax.div(h, G)
@@ -223,9 +221,7 @@ def flash_attention_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, *, causal:
             dq = consume(rng, steps, body, skip,
                          plgpu.layout_cast(jnp.zeros((BQ, D), jnp.float32), plgpu.Layout.WGMMA))
             q_smem[wg] = (dq * scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
-            plgpu.wait_smem_to_gmem(0)
+            write_back((q_smem.at[wg], dq_ref.at[b, rows, h]))
 
         @pl.when(wg == 2)
         def _producer():

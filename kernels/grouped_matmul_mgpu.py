@@ -23,7 +23,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._mgpu import mm, produce, smem
+from kernels._mgpu import mm, produce, smem, write_back
 
 ROWS = 64  # rows per block: the wgmma M dimension
 STEP = 64  # contraction per pipeline step
@@ -90,9 +90,7 @@ def block_gemm(x_rows, block_group, used_blocks, b, *, b_transposed: bool = Fals
             acc = plgpu.layout_cast(jnp.zeros((ROWS, BN), jnp.float32), plgpu.Layout.WGMMA)
             acc = lax.fori_loop(0, steps, body, acc)
             y_smem[...] = acc.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(y_smem, y_ref.at[pl.ds(m * ROWS, ROWS), pl.ds(n * BN, BN)])
-            plgpu.wait_smem_to_gmem(0)
+            write_back((y_smem, y_ref.at[pl.ds(m * ROWS, ROWS), pl.ds(n * BN, BN)]))
 
         @pl.when(wg == 1)
         def _producer():
@@ -157,9 +155,7 @@ def group_gemm_t(x_rows, dy_rows, first_block, num_blocks, num_groups: int, *,
 
             acc = plgpu.layout_cast(jnp.zeros((STEP, BN), jnp.float32), plgpu.Layout.WGMMA)
             o_smem[...] = lax.fori_loop(0, steps, body, acc)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[g, pl.ds(kt * STEP, STEP), pl.ds(n * BN, BN)])
-            plgpu.wait_smem_to_gmem(0)
+            write_back((o_smem, o_ref.at[g, pl.ds(kt * STEP, STEP), pl.ds(n * BN, BN)]))
 
         @pl.when(wg == 1)
         def _producer():

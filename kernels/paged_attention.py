@@ -16,9 +16,9 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._mgpu import LOG2E, mm, pad_to, produce, row, smem
+from kernels._mgpu import LOG2E, mm, pad_to, produce, row, smem, write_back
 from kernels.util import cdiv
-from kernels.flash_attention import _MASKED, masked_softmax_attention
+from kernels.flash_attention import _MASKED, masked_softmax_attention, softmax_result
 
 
 def write_pages(k_pages, v_pages, k_BTKD, v_BTKD, slot_mapping_BT, layer=None):
@@ -216,15 +216,11 @@ def paged_attention_forward(q, k_pages, v_pages, block_tables, lengths, *, scale
             m_i = plgpu.layout_cast(jnp.full((ROWS,), _MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc, m_i, l_i = lax.fori_loop(0, steps, body, (acc, m_i, l_i))
-            seen = m_i > 0.5 * _MASKED  # rows with at least one visible key in this split
-            inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
-            o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(out_dtype)
-            lse_smem[...] = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l_i, 1.0))) / LOG2E, -jnp.inf)
-            plgpu.commit_smem()
-            rows_out = pl.ds(0, out_rows)
-            plgpu.copy_smem_to_gmem(o_smem.at[rows_out], o_ref.at[b, h, s, pl.ds(rb * out_rows, out_rows)])
-            plgpu.copy_smem_to_gmem(lse_smem.at[rows_out], lse_ref.at[b, h, s, pl.ds(rb * out_rows, out_rows)])
-            plgpu.wait_smem_to_gmem(0)
+            o, lse = softmax_result(acc, m_i, l_i)  # a row no key of this split reaches: 0, -inf
+            o_smem[...], lse_smem[...] = o.astype(out_dtype), lse
+            rows_out, dst = pl.ds(0, out_rows), pl.ds(rb * out_rows, out_rows)
+            write_back((o_smem.at[rows_out], o_ref.at[b, h, s, dst]),
+                       (lse_smem.at[rows_out], lse_ref.at[b, h, s, dst]))
 
         @pl.when(wg == 1)
         def _producer():
